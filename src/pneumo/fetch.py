@@ -1,0 +1,272 @@
+"""Stage `fetch`: bring the images into data/raw in one normalised layout plus a manifest.
+
+Sources (``data.source``):
+
+* ``sample``: synthetic radiographs from :mod:`pneumo.phantoms`, in the Kaggle layout and
+  naming, so the pipeline runs anywhere with no download;
+* ``kaggle``: the Kaggle data set, downloaded with kagglehub;
+* ``local``: a folder or a ``.zip`` in the Kaggle layout (``chest_xray/{train,val,test}/
+  {NORMAL,PNEUMONIA}``), nested copies and macOS debris included.
+
+Output: ``data/raw/<split>/<CLASS>/<file>`` and ``data/raw/manifest.csv``. Everything is
+written to a temporary folder first and renamed into place at the end, so an interrupted or
+failed fetch never leaves a half-written data/raw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from pneumo.config import CLASS_NAMES, DataConfig, SampleConfig
+from pneumo.errors import UserError
+from pneumo.paths import SPLITS
+from pneumo.phantoms import phantom
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"}
+IGNORED_NAMES = {".DS_Store", "Thumbs.db"}
+MANIFEST_COLUMNS = ["path", "split", "label", "patient", "sha256", "width", "height", "mode"]
+
+_PATIENT_PATTERNS = (
+    re.compile(r"^(person\d+)_(?:bacteria|virus)_\d+", re.IGNORECASE),
+    re.compile(r"^(NORMAL2-IM-\d+)-\d+", re.IGNORECASE),
+    re.compile(r"^(IM-\d+)-\d+", re.IGNORECASE),
+)
+
+
+class FetchError(UserError):
+    """The source cannot be turned into data/raw; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One image of the source: where it sits in the Kaggle layout and how to read it."""
+
+    split: str
+    label: str
+    name: str
+    read: Callable[[], bytes]
+
+
+def patient_id(filename: str) -> str:
+    """Patient id from a Kaggle file name; unknown patterns fall back to the file stem."""
+    stem = PurePosixPath(filename).stem
+    for pattern in _PATIENT_PATTERNS:
+        match = pattern.match(stem)
+        if match:
+            return match.group(1)
+    return stem
+
+
+def fetch(config: DataConfig, out_dir: Path, seed: int) -> pd.DataFrame:
+    """Fill ``out_dir`` from the configured source and return its manifest."""
+    if config.source == "sample":
+        entries = list(sample_entries(config.sample, seed))
+    elif config.source == "kaggle":
+        entries = list(folder_entries(download_kaggle(config.kaggle_dataset)))
+    else:
+        entries = list(local_entries(Path(config.local_path or "")))
+    return write_raw(entries, out_dir)
+
+
+# --- sources ------------------------------------------------------------------------------
+
+
+def sample_entries(config: SampleConfig, seed: int) -> Iterator[Entry]:
+    """Generated images with Kaggle-style names; some patients have several images."""
+    rng = np.random.default_rng(seed)
+    counters = Counter[str]()
+    index = 0
+    for split in SPLITS:
+        counts = getattr(config, split)
+        for label, count in ((CLASS_NAMES[0], counts.normal), (CLASS_NAMES[1], counts.pneumonia)):
+            made = 0
+            while made < count:
+                images = min(int(rng.integers(1, config.max_images_per_patient + 1)), count - made)
+                counters[label] += 1
+                patient = counters[label]
+                kind = "bacteria" if rng.random() < 0.65 else "virus"
+                for image_no in range(1, images + 1):
+                    if label == "NORMAL":
+                        name = f"IM-{patient:04d}-{image_no:04d}.jpeg"
+                    else:
+                        counters["pneumonia_image"] += 1
+                        name = f"person{patient}_{kind}_{counters['pneumonia_image']}.jpeg"
+                    yield Entry(split, label, name, _encoder(seed, index, config.image_size, label))
+                    index += 1
+                made += images
+
+
+def _encoder(seed: int, index: int, size: int, label: str) -> Callable[[], bytes]:
+    def encode() -> bytes:
+        pixels = phantom(seed, index, size, pneumonia=label == "PNEUMONIA")
+        buffer = io.BytesIO()
+        Image.fromarray(pixels, mode="L").save(buffer, format="JPEG", quality=92)
+        return buffer.getvalue()
+
+    return encode
+
+
+def local_entries(path: Path) -> Iterator[Entry]:
+    if not path.exists():
+        raise FetchError(f"data.local_path {str(path)!r} does not exist")
+    if path.is_dir():
+        return folder_entries(path)
+    if zipfile.is_zipfile(path):
+        return zip_entries(path)
+    raise FetchError(f"data.local_path {str(path)!r} is neither a folder nor a .zip archive")
+
+
+def folder_entries(root: Path) -> Iterator[Entry]:
+    files = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
+    for rel, split, label in _kaggle_layout(list(files)):
+        yield Entry(split, label, PurePosixPath(rel).name, files[rel].read_bytes)
+
+
+def zip_entries(archive: Path) -> Iterator[Entry]:
+    # The handle stays open for the readers below; it closes when the last one is dropped.
+    zf = zipfile.ZipFile(archive)
+    names = [info.filename for info in zf.infolist() if not info.is_dir()]
+    unsafe = [name for name in names if _escapes(name)]
+    if unsafe:
+        zf.close()
+        raise FetchError(
+            f"{archive} holds entries that would be written outside the target folder "
+            f"(absolute paths or '..'): {unsafe[:5]}; refusing the whole archive"
+        )
+    for rel, split, label in _kaggle_layout(names):
+        yield Entry(split, label, PurePosixPath(rel).name, partial(zf.read, rel))
+
+
+def _escapes(name: str) -> bool:
+    path = PurePosixPath(name.replace("\\", "/"))
+    return path.is_absolute() or ".." in path.parts or re.match(r"^[A-Za-z]:", name) is not None
+
+
+def _kaggle_layout(files: list[str]) -> list[tuple[str, str, str]]:
+    """Pick ``<root>/{split}/{CLASS}/<image>`` files; with nested copies keep the shallowest."""
+    by_root: dict[tuple[str, ...], list[tuple[str, str, str]]] = {}
+    for rel in files:
+        parts = PurePosixPath(rel).parts
+        if "__MACOSX" in parts or parts[-1] in IGNORED_NAMES or parts[-1].startswith("._"):
+            continue
+        if len(parts) < 3 or PurePosixPath(rel).suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        split, label = parts[-3].lower(), parts[-2].upper()
+        if split in SPLITS and label in CLASS_NAMES:
+            by_root.setdefault(parts[:-3], []).append((rel, split, label))
+    if not by_root:
+        top = sorted({PurePosixPath(f).parts[0] for f in files})[:20]
+        raise FetchError(
+            "no images in the Kaggle layout chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/; "
+            f"found {len(files)} files, top-level entries: {top}"
+        )
+    root = min(by_root, key=len)
+    skipped = sum(len(v) for k, v in by_root.items() if k != root)
+    if skipped:
+        log.info("using %s/, ignoring %d files in nested copies", "/".join(root), skipped)
+    found = {(split, label) for _, split, label in by_root[root]}
+    missing = [f"{s}/{c}" for s in ("train", "test") for c in CLASS_NAMES if (s, c) not in found]
+    if missing:
+        raise FetchError(f"the Kaggle layout under {'/'.join(root) or '.'} lacks {missing}")
+    return sorted(by_root[root])
+
+
+def kaggle_credentials_present() -> bool:
+    """True when one of the Kaggle credential mechanisms is configured."""
+    if os.environ.get("KAGGLE_API_TOKEN") or (
+        os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY")
+    ):
+        return True
+    config_dir = Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle"))
+    return (config_dir / "kaggle.json").is_file() or (config_dir / "access_token").is_file()
+
+
+def download_kaggle(dataset: str) -> Path:
+    if not kaggle_credentials_present():
+        raise FetchError(
+            "no Kaggle credentials: set KAGGLE_USERNAME and KAGGLE_KEY (or KAGGLE_API_TOKEN), "
+            "or put kaggle.json in ~/.kaggle/ (or $KAGGLE_CONFIG_DIR). Offline, download the "
+            "archive elsewhere and use data.source=local with data.local_path=<the .zip>"
+        )
+    import kagglehub
+
+    try:
+        return Path(kagglehub.dataset_download(dataset))
+    except Exception as exc:  # kagglehub raises many network and auth error types
+        raise FetchError(
+            f"downloading Kaggle data set {dataset!r} failed ({type(exc).__name__}: {exc}). "
+            "Check the network and credentials, or use data.source=local with a downloaded .zip"
+        ) from exc
+
+
+# --- output -------------------------------------------------------------------------------
+
+
+def _describe_image(data: bytes) -> tuple[int | None, int | None, str]:
+    """Header facts for the manifest; unreadable files are kept and judged by preprocess."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.width, image.height, image.mode
+    except Exception:  # any decoder error means "not an image we can read"
+        return None, None, ""
+
+
+def write_raw(entries: list[Entry], out_dir: Path) -> pd.DataFrame:
+    names = Counter((e.split, e.label, e.name) for e in entries)
+    clashes = [key for key, n in names.items() if n > 1]
+    if clashes:
+        raise FetchError(f"several source files map to the same output name: {clashes[:5]}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        rows = []
+        for entry in tqdm(entries, desc="fetch", unit="img", mininterval=2.0):
+            data = entry.read()
+            rel = PurePosixPath(entry.split, entry.label, entry.name)
+            target = staging / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            width, height, mode = _describe_image(data)
+            rows.append(
+                {
+                    "path": rel.as_posix(),
+                    "split": entry.split,
+                    "label": entry.label,
+                    "patient": patient_id(entry.name),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "width": width,
+                    "height": height,
+                    "mode": mode,
+                }
+            )
+        manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+        manifest = manifest.astype({"width": "Int64", "height": "Int64"})
+        manifest.to_csv(staging / "manifest.csv", index=False)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    counts = manifest.groupby(["split", "label"]).size().to_dict()
+    log.info("fetched %d images: %s", len(manifest), counts)
+    return manifest

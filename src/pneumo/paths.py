@@ -1,0 +1,41 @@
+"""Every file and folder the stages exchange, relative to the repository root.
+
+dvc.yaml declares the same paths; tests/test_dvc_yaml.py fails when the two drift apart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RAW_DIR = Path("data/raw")
+RAW_MANIFEST = RAW_DIR / "manifest.csv"
+
+PROCESSED_DIR = Path("data/processed")
+PROCESSED_MANIFEST = PROCESSED_DIR / "manifest.csv"
+PROCESSED_REPORT = PROCESSED_DIR / "report.json"
+PROCESSED_SAMPLES_PNG = PROCESSED_DIR / "samples.png"
+
+MODELS_DIR = Path("models")
+REPORTS_DIR = Path("reports")
+COMPARISON_MD = REPORTS_DIR / "comparison.md"
+COMPARISON_JSON = REPORTS_DIR / "comparison.json"
+COMPARISON_ROC_PNG = REPORTS_DIR / "comparison_roc.png"
+README = Path("README.md")
+
+SPLITS = ("train", "val", "test")
+
+
+def processed_images(split: str) -> Path:
+    return PROCESSED_DIR / f"{split}_images.npy"
+
+
+def model_dir(backbone: str) -> Path:
+    return MODELS_DIR / backbone
+
+
+def train_report_dir(backbone: str) -> Path:
+    return REPORTS_DIR / "train" / backbone
+
+
+def eval_report_dir(backbone: str) -> Path:
+    return REPORTS_DIR / "eval" / backbone

@@ -1,0 +1,144 @@
+"""Synthetic chest radiographs, so the whole pipeline runs with no download.
+
+The phantoms are drawn in a normalised frame (x, y in [-1, 1], y pointing down) from a few
+anatomical shapes: a soft-tissue body, two dark lung fields, the mediastinum and heart shadow,
+the spine, ribs and the diaphragm domes. Exposure, contrast, position and noise vary between
+images. PNEUMONIA images add one or more radiological signs at random places and strengths:
+lobar consolidation, patchy infiltrates, air bronchograms inside the opacity and a pleural
+effusion blunting a costophrenic angle. Some signs are faint on purpose, so the task is
+learnable but not trivial.
+
+Pure numpy: each image is a function of (seed, index), so generation is order independent
+and reproducible byte for byte once encoded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Pixel-centre coordinates of an image, shifted and scaled by the patient's position."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+
+def _frame(size: int, rng: np.random.Generator) -> Frame:
+    axis = np.linspace(-1.0, 1.0, size, dtype=np.float32)
+    y, x = np.meshgrid(axis, axis, indexing="ij")
+    scale = rng.uniform(0.9, 1.08)
+    return Frame(x=(x - rng.uniform(-0.06, 0.06)) / scale, y=(y - rng.uniform(-0.06, 0.06)) / scale)
+
+
+def _ellipse(f: Frame, cx: float, cy: float, rx: float, ry: float, soft: float) -> np.ndarray:
+    """1 inside the ellipse, 0 outside, with a smooth edge ``soft`` wide."""
+    r = np.sqrt(((f.x - cx) / rx) ** 2 + ((f.y - cy) / ry) ** 2)
+    return np.clip((1.0 - r) / soft + 0.5, 0.0, 1.0)
+
+
+def _blob(f: Frame, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
+    return np.exp(-(((f.x - cx) / rx) ** 2 + ((f.y - cy) / ry) ** 2))
+
+
+def _lungs(f: Frame, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Right and left lung masks (image left = patient right), cut by the diaphragm domes."""
+    masks = []
+    for side in (-1.0, 1.0):
+        cx = side * rng.uniform(0.34, 0.42)
+        lung = _ellipse(f, cx, -0.08, rng.uniform(0.25, 0.3), rng.uniform(0.52, 0.6), 0.15)
+        dome_top = rng.uniform(0.38, 0.5) + (0.06 if side > 0 else 0.0)
+        dome = dome_top + 0.9 * (f.x - cx) ** 2
+        masks.append(lung * np.clip((dome - f.y) / 0.04, 0.0, 1.0))
+    return masks[0], masks[1]
+
+
+def _ribs(f: Frame, rng: np.random.Generator) -> np.ndarray:
+    ribs = np.zeros_like(f.x)
+    spacing = rng.uniform(0.11, 0.13)
+    for k in range(9):
+        y0 = -0.62 + k * spacing
+        curve = y0 + 0.28 * np.abs(f.x) ** 1.6 - 0.05 * np.abs(f.x)
+        ribs += np.exp(-(((f.y - curve) / 0.018) ** 2))
+    thorax = np.clip((0.5 - f.y) / 0.1, 0.0, 1.0)
+    return np.clip(ribs, 0.0, 1.0) * thorax
+
+
+def _branches(f: Frame, rng: np.random.Generator, cx: float, cy: float, reach: float) -> np.ndarray:
+    """Thin dark branching lines (air bronchograms) radiating from (cx, cy)."""
+    lines = np.zeros_like(f.x)
+    for _ in range(rng.integers(2, 5)):
+        x, y = cx, cy
+        angle = rng.uniform(0.0, 2.0 * np.pi)
+        for _ in range(rng.integers(6, 12)):
+            angle += rng.normal(0.0, 0.35)
+            step = reach / 8.0
+            nx, ny = x + step * np.cos(angle), y + step * np.sin(angle)
+            t = np.clip(((f.x - x) * (nx - x) + (f.y - y) * (ny - y)) / (step**2), 0.0, 1.0)
+            distance = np.hypot(f.x - (x + t * (nx - x)), f.y - (y + t * (ny - y)))
+            lines = np.maximum(lines, np.exp(-((distance / 0.012) ** 2)))
+            x, y = nx, ny
+    return lines
+
+
+def _pneumonia_signs(
+    f: Frame, rng: np.random.Generator, lungs: tuple[np.ndarray, np.ndarray], strength: float
+) -> np.ndarray:
+    """Extra opacity (0..1) inside the lungs; at least one sign is always present."""
+    opacity = np.zeros_like(f.x)
+    signs = rng.random(4) < (0.6, 0.5, 0.4, 0.25)
+    if not signs.any():
+        signs[rng.integers(0, 2)] = True
+    lobar, patchy, bronchograms, effusion = signs
+    side = int(rng.integers(0, 2))
+    lung = lungs[side]
+    cx = (-1.0 if side == 0 else 1.0) * rng.uniform(0.28, 0.45)
+    cy = rng.uniform(-0.35, 0.3)
+    if lobar:
+        region = _blob(f, cx, cy, rng.uniform(0.12, 0.22), rng.uniform(0.14, 0.3))
+        consolidation = np.clip(region * 1.6, 0.0, 1.0) * lung
+        if bronchograms:
+            consolidation *= 1.0 - 0.7 * _branches(f, rng, cx, cy, 0.22)
+        opacity += strength * consolidation
+    if patchy:
+        for _ in range(rng.integers(3, 9)):
+            s = int(rng.integers(0, 2))
+            px = (-1.0 if s == 0 else 1.0) * rng.uniform(0.2, 0.5)
+            patch = _blob(
+                f, px, rng.uniform(-0.5, 0.4), rng.uniform(0.04, 0.09), rng.uniform(0.04, 0.09)
+            )
+            opacity += 0.7 * strength * patch * lungs[s]
+    if effusion:
+        level = rng.uniform(0.25, 0.42)
+        meniscus = level - 0.25 * np.abs(f.x - cx)
+        opacity += strength * np.clip((f.y - meniscus) / 0.05, 0.0, 1.0) * (lung > 0.05)
+    return np.clip(opacity, 0.0, 1.0)
+
+
+def phantom(seed: int, index: int, size: int, pneumonia: bool) -> np.ndarray:
+    """One radiograph as a uint8 (size, size) array; the same arguments give the same image."""
+    rng = np.random.default_rng([seed, index, int(pneumonia)])
+    f = _frame(size, rng)
+    body = _ellipse(f, 0.0, 0.15, rng.uniform(0.8, 0.92), 1.15, 0.08)
+    right, left = _lungs(f, rng)
+    lungs = np.maximum(right, left)
+    heart = _ellipse(f, rng.uniform(0.05, 0.12), 0.22, rng.uniform(0.2, 0.26), 0.25, 0.3)
+    spine = np.exp(-((f.x / 0.07) ** 4)) * (f.y > -0.9)
+
+    image = 0.05 + 0.5 * body
+    image -= 0.33 * lungs
+    image += 0.12 * _ribs(f, rng) * body
+    image += 0.2 * np.maximum(heart, 0.6 * spine) * body
+    image += 0.05 * _blob(f, 0.0, -0.05, 0.15, 0.4) * lungs  # hilar vessels
+    if pneumonia:
+        strength = rng.choice([rng.uniform(0.08, 0.18), rng.uniform(0.18, 0.4)], p=[0.3, 0.7])
+        image += 0.85 * _pneumonia_signs(f, rng, (right, left), strength)
+
+    gamma = rng.uniform(0.8, 1.25)
+    contrast = rng.uniform(0.85, 1.15)
+    image = np.clip(image, 0.0, 1.0) ** gamma * contrast + rng.uniform(-0.05, 0.05)
+    image += rng.normal(0.0, rng.uniform(0.01, 0.035), image.shape)
+    return (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)

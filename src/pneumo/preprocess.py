@@ -1,0 +1,216 @@
+"""Stage `preprocess`: validate, deduplicate, split by patient and cache data/raw as arrays.
+
+* The official test split is kept as it is. The official train and val splits are pooled and
+  re-split into train/val grouped by patient and stratified by label, because the official
+  val split has only 16 images and a patient's images must never sit on both sides.
+* Byte-identical copies are removed from the pool (keeping one), as are pool images that are
+  byte-identical to a test image or belong to a test patient.
+* Each split is stored as one ``(N, size, size)`` uint8 array, so training reads pixels
+  without decoding a JPEG per epoch; ``manifest.csv`` maps rows back to files and patients.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+from tqdm import tqdm
+
+from pneumo.config import CLASS_NAMES, DataConfig
+from pneumo.errors import UserError
+from pneumo.images import ImageDecodeError, ResizeMethod, prepare_image
+from pneumo.paths import SPLITS
+
+log = logging.getLogger(__name__)
+
+
+class PreprocessError(UserError):
+    """The raw data cannot be turned into a trustworthy cache; the message says why."""
+
+
+def _prepare_file(path: Path, size: int, method: ResizeMethod) -> np.ndarray | str:
+    try:
+        return prepare_image(path.read_bytes(), size, method)
+    except (ImageDecodeError, OSError) as exc:
+        return str(exc)
+
+
+def decode_all(
+    raw_dir: Path, paths: list[str], size: int, method: ResizeMethod, workers: int
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Decode every file; returns pixels by path and the reason for each failure."""
+    work = partial(_prepare_file, size=size, method=method)
+    files = [raw_dir / p for p in paths]
+    pixels: dict[str, np.ndarray] = {}
+    errors: dict[str, str] = {}
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(work, files, chunksize=64)
+        for path, result in tqdm(
+            zip(paths, results, strict=True), total=len(paths), desc="decode", mininterval=2.0
+        ):
+            if isinstance(result, str):
+                errors[path] = result
+            else:
+                pixels[path] = result
+    return pixels, errors
+
+
+def deduplicate(manifest: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Drop pool rows that duplicate a test image, a test patient or another pool image."""
+    test = manifest[manifest.split == "test"]
+    pool = manifest[manifest.split != "test"].sort_values("path")
+    in_test_bytes = pool.sha256.isin(set(test.sha256))
+    of_test_patient = pool.patient.isin(set(test.patient)) & ~in_test_bytes
+    repeated = pool.sha256.duplicated(keep="first") & ~in_test_bytes & ~of_test_patient
+    counts = {
+        "pool_identical_to_test": int(in_test_bytes.sum()),
+        "pool_of_test_patients": int(of_test_patient.sum()),
+        "pool_identical_within_pool": int(repeated.sum()),
+    }
+    kept = pool[~(in_test_bytes | of_test_patient | repeated)]
+    return pd.concat([kept, test]), counts
+
+
+def split_by_patient(
+    pool: pd.DataFrame, val_fraction: float, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Patient-grouped, label-stratified train/val split of the pooled rows."""
+    n_splits = max(2, round(1.0 / val_fraction))
+    if pool.patient.nunique() < n_splits:
+        raise PreprocessError(
+            f"only {pool.patient.nunique()} patients in train+val: too few for "
+            f"data.val_fraction={val_fraction}"
+        )
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    train_idx, val_idx = next(folds.split(pool, pool.label, groups=pool.patient))
+    return pool.iloc[train_idx], pool.iloc[val_idx]
+
+
+def overlap_check(splits: dict[str, pd.DataFrame]) -> dict[str, dict[str, int]]:
+    shared: dict[str, dict[str, int]] = {"patients": {}, "sha256": {}}
+    for (a, frame_a), (b, frame_b) in combinations(splits.items(), 2):
+        for column, key in (("patient", "patients"), ("sha256", "sha256")):
+            shared[key][f"{a}/{b}"] = len(set(frame_a[column]) & set(frame_b[column]))
+    return shared
+
+
+def preprocess(
+    config: DataConfig, raw_dir: Path, out_dir: Path, seed: int, workers: int = 2
+) -> dict:
+    """Build the cache in ``out_dir`` from ``raw_dir``; returns the report."""
+    manifest = pd.read_csv(raw_dir / "manifest.csv")
+    pixels, errors = decode_all(
+        raw_dir, manifest.path.tolist(), config.image_size, config.resize, workers
+    )
+    bad_fraction = len(errors) / max(len(manifest), 1)
+    excluded = [{"path": p, "reason": r} for p, r in sorted(errors.items())]
+    if bad_fraction > config.max_bad_fraction:
+        listing = "\n  ".join(f"{e['path']}: {e['reason']}" for e in excluded[:10])
+        raise PreprocessError(
+            f"{len(errors)} of {len(manifest)} images ({bad_fraction:.1%}) cannot be read, "
+            f"more than data.max_bad_fraction={config.max_bad_fraction}:\n  {listing}"
+        )
+    readable = manifest[~manifest.path.isin(errors)]
+    deduped, duplicates = deduplicate(readable)
+    train, val = split_by_patient(deduped[deduped.split != "test"], config.val_fraction, seed)
+    splits = {"train": train, "val": val, "test": deduped[deduped.split == "test"]}
+    overlap = overlap_check(splits)
+    if any(n for counts in overlap.values() for n in counts.values()):
+        raise PreprocessError(f"splits overlap after de-duplication: {overlap}")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        rows = []
+        for name in SPLITS:
+            frame = splits[name].sort_values("path").reset_index(drop=True)
+            array = (
+                np.stack([pixels[p] for p in frame.path])
+                if len(frame)
+                else np.zeros((0, config.image_size, config.image_size), np.uint8)
+            )
+            np.save(staging / f"{name}_images.npy", array)
+            rows.append(
+                frame.assign(
+                    source_split=frame.split,
+                    split=name,
+                    index=np.arange(len(frame)),
+                    target=(frame.label == CLASS_NAMES[1]).astype(int),
+                )
+            )
+        cache_manifest = pd.concat(rows, ignore_index=True)
+        cache_manifest.to_csv(staging / "manifest.csv", index=False)
+        report = _report(cache_manifest, len(manifest), excluded, duplicates, overlap, config)
+        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        _sample_grid(cache_manifest, staging, staging / "samples.png", seed)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("cache written to %s: %s", out_dir, report["counts"])
+    return report
+
+
+def _report(
+    cache: pd.DataFrame,
+    n_raw: int,
+    excluded: list[dict],
+    duplicates: dict[str, int],
+    overlap: dict,
+    config: DataConfig,
+) -> dict:
+    counts = {
+        split: {label: int((frame.label == label).sum()) for label in CLASS_NAMES}
+        for split, frame in cache.groupby("split", sort=False)
+    }
+    return {
+        "image_size": config.image_size,
+        "resize": config.resize,
+        "raw_images": n_raw,
+        "cached_images": len(cache),
+        "counts": counts,
+        "pneumonia_fraction": {
+            split: round(c["PNEUMONIA"] / max(sum(c.values()), 1), 4) for split, c in counts.items()
+        },
+        "patients": {split: int(f.patient.nunique()) for split, f in cache.groupby("split")},
+        "excluded": excluded,
+        "duplicates_removed": duplicates,
+        "overlap": overlap,
+    }
+
+
+def _sample_grid(cache: pd.DataFrame, cache_dir: Path, png: Path, seed: int, per_class: int = 8):
+    """A picture of random training images per class: look at the data before trusting it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = np.load(cache_dir / "train_images.npy", mmap_mode="r")
+    train = cache[cache.split == "train"]
+    fig, axes = plt.subplots(2, per_class, figsize=(per_class * 1.6, 3.8), squeeze=False)
+    rng = np.random.default_rng(seed)
+    for row, label in enumerate(CLASS_NAMES):
+        rows = train[train.label == label]
+        picks = rng.choice(len(rows), size=min(per_class, len(rows)), replace=False)
+        for col, ax in enumerate(axes[row]):
+            ax.axis("off")
+            if col < len(picks):
+                item = rows.iloc[picks[col]]
+                ax.imshow(images[item["index"]], cmap="gray", vmin=0, vmax=255)
+                ax.set_title(f"{label}\n{item.patient}", fontsize=7)
+    fig.suptitle("Training images from the preprocess cache", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,96 @@
+"""params.yaml validation: every bad value fails early with its dotted key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pneumo.config import ConfigError, Params, flatten, load_params, parse_params
+from tests.conftest import REPO_ROOT, run_cli
+
+
+def test_repository_params_are_valid():
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert params.data.source == "sample"
+    assert params.backbones == ["densenet121", "resnet50", "efficientnet-b4"]
+
+
+def _dotted_keys(raw: dict, prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        keys |= _dotted_keys(value, f"{name}.") if isinstance(value, dict) else {name}
+    return keys
+
+
+def test_repository_params_spell_out_every_key():
+    """params.yaml documents every knob: no setting hides behind a code default."""
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    assert _dotted_keys(raw) == set(flatten(Params()))
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"loss": {"gama": 2.0}}, "loss.gama: unknown key"),
+        ({"loss": {"name": "hinge"}}, "'focal' or 'bce'"),
+        ({"loss": {"gamma": -1}}, "loss.gamma"),
+        ({"train": {"lr": 0}}, "train.lr"),
+        ({"train": {"batch_size": 0}}, "train.batch_size"),
+        ({"train": {"epochs": "many"}}, "train.epochs"),
+        ({"backbones": ["resnet18"]}, "backbones.0"),
+        ({"backbones": []}, "backbones"),
+        ({"data": {"source": "local"}}, "data.local_path"),
+        ({"data": {"val_fraction": 0.9}}, "data.val_fraction"),
+        ({"evaluate": {"tta": ["spin"]}}, "evaluate.tta"),
+        ({"evaluate": {"threshold": 1.5}}, "evaluate.threshold"),
+        ({"evaluate": {"threshold": "recall>=2"}}, "evaluate.threshold"),
+        ({"unknown_section": 1}, "unknown_section: unknown key"),
+    ],
+)
+def test_invalid_values_name_the_key(raw, expected):
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(".", r"\.")):
+        parse_params(raw)
+
+
+def test_valid_threshold_rules():
+    assert parse_params({"evaluate": {"threshold": 0.8}}).evaluate.threshold == 0.8
+    assert parse_params({"evaluate": {"threshold": "recall>=0.95"}}).evaluate.threshold
+    assert parse_params({"loss": {"pos_weight": "auto"}}).loss.pos_weight == "auto"
+    assert parse_params({"loss": {"pos_weight": 2.5}}).loss.pos_weight == 2.5
+
+
+def test_cli_reports_invalid_params_without_traceback(in_tmp):
+    result = run_cli("check", params={"train": {"lr": -1, "scheduler": "step"}})
+    assert result.exit_code == 1
+    assert "train.lr" in result.output and "train.scheduler" in result.output
+    assert "'cosine', 'plateau' or 'none'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_reports_missing_and_malformed_params(in_tmp):
+    assert "params.yaml not found" in run_cli("check").output
+    (in_tmp / "params.yaml").write_text("train: [unclosed\n")
+    assert "not valid YAML" in run_cli("check").output
+
+
+def test_help_does_not_import_heavy_libraries():
+    """`pneumo --help` must answer at once: torch, mlflow and dvc load only when needed."""
+    code = (
+        "import sys; from click.testing import CliRunner; from pneumo.cli import main;"
+        "r = CliRunner().invoke(main, ['--help']); assert r.exit_code == 0;"
+        "print(sorted(m for m in ('torch', 'mlflow', 'dvc', 'sklearn', 'pandas') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_schema_lists_every_section(in_tmp):
+    result = run_cli("schema")
+    assert result.exit_code == 0
+    for section in ("data", "model", "loss", "augment", "train", "evaluate", "tracking"):
+        assert f'"{section}"' in result.output
