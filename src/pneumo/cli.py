@@ -106,3 +106,116 @@ def check(ctx: click.Context) -> None:
     """Validate params.yaml and exit."""
     _params(ctx)
     click.echo(f"{ctx.obj['params']}: valid")
+
+
+@main.command()
+@click.argument("backbone")
+@click.pass_context
+@_friendly
+def train(ctx: click.Context, backbone: str) -> None:
+    """Train BACKBONE on the cache; writes models/BACKBONE and reports/train/BACKBONE."""
+    params = _params(ctx)
+    if backbone not in params.backbones:
+        raise PneumoError(f"{backbone!r} is not in params.yaml backbones {params.backbones}")
+    from pneumo.train import train as run_train
+
+    run_train(
+        params,
+        backbone,
+        paths.PROCESSED_DIR,
+        paths.model_dir(backbone),
+        paths.train_report_dir(backbone),
+    )
+
+
+@main.command()
+@click.argument("backbone")
+@click.pass_context
+@_friendly
+def evaluate(ctx: click.Context, backbone: str) -> None:
+    """Evaluate BACKBONE with TTA; writes reports/eval/BACKBONE."""
+    params = _params(ctx)
+    from pneumo.evaluate import evaluate as run_evaluate
+
+    run_evaluate(
+        params,
+        backbone,
+        paths.PROCESSED_DIR,
+        paths.model_dir(backbone),
+        paths.eval_report_dir(backbone),
+    )
+
+
+@main.command()
+@click.option("--no-register", is_flag=True, help="Skip the MLflow model registry.")
+@click.option("--no-readme", is_flag=True, help="Leave README.md's results block alone.")
+@click.pass_context
+@_friendly
+def compare(ctx: click.Context, no_register: bool, no_readme: bool) -> None:
+    """Compare all backbones, update the README table, register versions and the challenger."""
+    params = _params(ctx)
+    from pneumo.compare import compare as run_compare
+    from pneumo.compare import render_table, update_readme_block
+
+    result = run_compare(params, params.backbones)
+    if not no_readme and paths.README.is_file():
+        update_readme_block(paths.README, render_table(result))
+    if no_register:
+        return
+    from pneumo import registry, tracking
+
+    tracking.configure(params.tracking)
+    versions = {}
+    for backbone in params.backbones:
+        model_dir = paths.model_dir(backbone)
+        metrics = json.loads((paths.eval_report_dir(backbone) / "metrics.json").read_text())
+        meta = json.loads((model_dir / "meta.json").read_text())
+        versions[backbone] = registry.register(params, backbone, model_dir, metrics, meta)
+    registry.set_alias(params.registry.model_name, registry.CHALLENGER, versions[result["best"]])
+    click.echo(
+        f"registered {params.registry.model_name} versions {versions}; "
+        f"@{registry.CHALLENGER} = {result['best']} (v{versions[result['best']]})"
+    )
+
+
+@main.command()
+@click.option("--version", "version", default=None, help="Promote this version, not @challenger.")
+@click.option("--force", is_flag=True, help="Promote even if the gate finds a regression.")
+@click.pass_context
+@_friendly
+def promote(ctx: click.Context, version: str | None, force: bool) -> None:
+    """Move the @champion alias to @challenger (or --version) unless it regresses."""
+    params = _params(ctx)
+    from pneumo.registry import promote as run_promote
+
+    click.echo(run_promote(params, version=version, force=force))
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--model",
+    default=None,
+    help="models:/<name>@<alias> (default: models:/<registry name>@champion) or models/<backbone>.",
+)
+@click.option("--output", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
+@click.pass_context
+@_friendly
+def predict(ctx: click.Context, inputs: tuple[Path, ...], model: str | None, output: str) -> None:
+    """Predict PNEUMONIA for image files or folders; unreadable files make the exit code 1."""
+    from pneumo.predict import predict_paths
+
+    params = _params(ctx)
+    rows = predict_paths(params, list(inputs), model)
+    if output == "json":
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        import csv
+
+        writer = csv.DictWriter(
+            sys.stdout, fieldnames=["file", "probability", "label", "error"], lineterminator="\n"
+        )
+        writer.writeheader()
+        writer.writerows(rows)
+    if any("error" in row for row in rows):
+        ctx.exit(1)

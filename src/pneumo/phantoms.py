@@ -89,7 +89,7 @@ def _pneumonia_signs(
 ) -> np.ndarray:
     """Extra opacity (0..1) inside the lungs; at least one sign is always present."""
     opacity = np.zeros_like(f.x)
-    signs = rng.random(4) < (0.6, 0.5, 0.4, 0.25)
+    signs = rng.random(4) < (0.75, 0.5, 0.4, 0.25)
     if not signs.any():
         signs[rng.integers(0, 2)] = True
     lobar, patchy, bronchograms, effusion = signs
@@ -98,7 +98,7 @@ def _pneumonia_signs(
     cx = (-1.0 if side == 0 else 1.0) * rng.uniform(0.28, 0.45)
     cy = rng.uniform(-0.35, 0.3)
     if lobar:
-        region = _blob(f, cx, cy, rng.uniform(0.12, 0.22), rng.uniform(0.14, 0.3))
+        region = _blob(f, cx, cy, rng.uniform(0.15, 0.25), rng.uniform(0.18, 0.35))
         consolidation = np.clip(region * 1.6, 0.0, 1.0) * lung
         if bronchograms:
             consolidation *= 1.0 - 0.7 * _branches(f, rng, cx, cy, 0.22)
@@ -108,7 +108,7 @@ def _pneumonia_signs(
             s = int(rng.integers(0, 2))
             px = (-1.0 if s == 0 else 1.0) * rng.uniform(0.2, 0.5)
             patch = _blob(
-                f, px, rng.uniform(-0.5, 0.4), rng.uniform(0.04, 0.09), rng.uniform(0.04, 0.09)
+                f, px, rng.uniform(-0.5, 0.4), rng.uniform(0.05, 0.11), rng.uniform(0.05, 0.11)
             )
             opacity += 0.7 * strength * patch * lungs[s]
     if effusion:
@@ -134,11 +134,11 @@ def phantom(seed: int, index: int, size: int, pneumonia: bool) -> np.ndarray:
     image += 0.2 * np.maximum(heart, 0.6 * spine) * body
     image += 0.05 * _blob(f, 0.0, -0.05, 0.15, 0.4) * lungs  # hilar vessels
     if pneumonia:
-        strength = rng.choice([rng.uniform(0.08, 0.18), rng.uniform(0.18, 0.4)], p=[0.3, 0.7])
+        strength = rng.choice([rng.uniform(0.12, 0.22), rng.uniform(0.25, 0.5)], p=[0.2, 0.8])
         image += 0.85 * _pneumonia_signs(f, rng, (right, left), strength)
 
-    gamma = rng.uniform(0.8, 1.25)
-    contrast = rng.uniform(0.85, 1.15)
+    gamma = rng.uniform(0.85, 1.15)
+    contrast = rng.uniform(0.9, 1.1)
     image = np.clip(image, 0.0, 1.0) ** gamma * contrast + rng.uniform(-0.05, 0.05)
     image += rng.normal(0.0, rng.uniform(0.01, 0.035), image.shape)
     return (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)

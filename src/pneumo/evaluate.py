@@ -1,0 +1,206 @@
+"""Stage `evaluate@<backbone>`: test-time augmentation, a validation-chosen threshold, metrics.
+
+The threshold is fixed in params.yaml or chosen by a rule on the validation split only; the
+test split is predicted once and never looked at to pick anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from pneumo import tracking
+from pneumo.config import CLASS_NAMES, Params
+from pneumo.data import CachedSplit
+from pneumo.metrics import binary_metrics, choose_threshold, metrics_with_ci
+
+log = logging.getLogger(__name__)
+
+View = Callable[[torch.Tensor], torch.Tensor]
+BILINEAR = InterpolationMode.BILINEAR
+
+
+def tta_view(spec: str) -> View:
+    """``identity``, ``hflip``, ``rotate:<degrees>`` or ``scale:<factor>`` on (N, C, H, W)."""
+    name, _, arg = spec.partition(":")
+    if name == "identity":
+        return lambda x: x
+    if name == "hflip":
+        return F.horizontal_flip
+    if name == "rotate":
+        return lambda x: F.rotate(x, float(arg), interpolation=BILINEAR)
+    if name == "scale":
+        return lambda x: F.affine(
+            x, angle=0.0, translate=[0, 0], scale=float(arg), shear=[0.0], interpolation=BILINEAR
+        )
+    raise ValueError(f"unknown TTA view {spec!r}")
+
+
+@torch.inference_mode()
+def tta_probabilities(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    views: list[str],
+    *,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """PNEUMONIA probabilities, shape (len(views), N): one row per view."""
+    model.eval()
+    transforms = [tta_view(v) for v in views]
+    out = np.empty((len(views), len(images)), dtype=np.float64)
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(np.asarray(images[start : start + batch_size]))[:, None]
+        batch = batch.to(device)
+        for row, view in enumerate(transforms):
+            probs = torch.sigmoid(model(view(batch)).float())
+            out[row, start : start + len(batch)] = probs.cpu().numpy()
+    return out
+
+
+def predictions_frame(split: CachedSplit, views: list[str], per_view: np.ndarray, threshold):
+    probability = per_view.mean(axis=0)
+    frame = pd.DataFrame(
+        {
+            "image": split.manifest.path,
+            "patient": split.manifest.patient,
+            "label": split.manifest.label,
+            "target": split.targets,
+            "probability": probability,
+            "predicted": np.where(probability >= threshold, CLASS_NAMES[1], CLASS_NAMES[0]),
+        }
+    )
+    for view, row in zip(views, per_view, strict=True):
+        frame[f"p_{view}"] = row
+    return frame
+
+
+def _plots(test: pd.DataFrame, threshold: float, out_dir: Path, title: str) -> Path:
+    """ROC, precision-recall, calibration and confusion matrix as data files and one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.calibration import CalibrationDisplay, calibration_curve
+    from sklearn.metrics import (
+        ConfusionMatrixDisplay,
+        PrecisionRecallDisplay,
+        RocCurveDisplay,
+        precision_recall_curve,
+        roc_curve,
+    )
+
+    y, p = test.target.to_numpy(), test.probability.to_numpy()
+    fpr, tpr, _ = roc_curve(y, p)
+    pd.DataFrame({"fpr": fpr, "tpr": tpr}).to_csv(out_dir / "roc.csv", index=False)
+    precision, recall, _ = precision_recall_curve(y, p)
+    pd.DataFrame({"recall": recall, "precision": precision}).to_csv(out_dir / "pr.csv", index=False)
+    observed, predicted = calibration_curve(y, p, n_bins=10, strategy="quantile")
+    pd.DataFrame({"predicted": predicted, "observed": observed}).to_csv(
+        out_dir / "calibration.csv", index=False
+    )
+
+    fig, axes = plt.subplots(2, 2, figsize=(9, 8))
+    RocCurveDisplay.from_predictions(y, p, ax=axes[0, 0], name="TTA", plot_chance_level=True)
+    PrecisionRecallDisplay.from_predictions(y, p, ax=axes[0, 1], name="TTA")
+    CalibrationDisplay.from_predictions(y, p, n_bins=10, strategy="quantile", ax=axes[1, 0])
+    ConfusionMatrixDisplay.from_predictions(
+        test.label, test.predicted, labels=list(CLASS_NAMES), ax=axes[1, 1], colorbar=False
+    )
+    axes[1, 1].set_title(f"threshold {threshold:.3f}")
+    fig.suptitle(title)
+    fig.tight_layout()
+    png = out_dir / "evaluation.png"
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def evaluate(params: Params, backbone: str, cache_dir: Path, model_dir: Path, out_dir: Path):
+    """Predict val and test with TTA, choose the threshold on val, write metrics and plots."""
+    from pneumo.train import load_checkpoint, resolve_device
+
+    cfg = params.evaluate
+    device = resolve_device(params.train.device)
+    model, meta = load_checkpoint(model_dir)
+    model.to(device)
+    splits = {name: CachedSplit.load(cache_dir, name) for name in ("val", "test")}
+    per_view = {
+        name: tta_probabilities(
+            model, split.images, cfg.tta, batch_size=cfg.batch_size, device=device
+        )
+        for name, split in splits.items()
+    }
+    y_val, y_test = splits["val"].targets, splits["test"].targets
+    p_val = per_view["val"].mean(axis=0)
+    threshold = choose_threshold(cfg.threshold, y_val, p_val)
+    p_test = per_view["test"].mean(axis=0)
+
+    # Without TTA: the identity view alone, with its own validation-chosen threshold.
+    p_val_plain, p_test_plain = (
+        per_view[name][cfg.tta.index("identity")]
+        if "identity" in cfg.tta
+        else tta_probabilities(model, splits[name].images, ["identity"], device=device)[0]
+        for name in ("val", "test")
+    )
+    threshold_plain = choose_threshold(cfg.threshold, y_val, p_val_plain)
+    no_tta = binary_metrics(y_test, p_test_plain, threshold_plain)
+
+    boot = cfg.bootstrap
+    test_metrics = metrics_with_ci(
+        y_test, p_test, threshold, resamples=boot.resamples, seed=boot.seed
+    )
+    val_metrics = binary_metrics(y_val, p_val, threshold)
+    metrics = {
+        "backbone": backbone,
+        "threshold": threshold,
+        "threshold_rule": str(cfg.threshold),
+        "tta_views": list(cfg.tta),
+        "test": test_metrics,
+        "test_no_tta": no_tta | {"threshold": threshold_plain},
+        "val": val_metrics,
+        "tta_gain": {
+            m: test_metrics[m]["value"] - no_tta[m] for m in ("accuracy", "roc_auc", "f1")
+        },
+        "n_test": int(len(y_test)),
+        "n_val": int(len(y_val)),
+        "data_hash": meta["data_hash"],
+    }
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    test_frame = predictions_frame(splits["test"], cfg.tta, per_view["test"], threshold)
+    val_frame = predictions_frame(splits["val"], cfg.tta, per_view["val"], threshold)
+    test_frame.to_csv(out_dir / "predictions.csv", index=False)
+    val_frame.to_csv(out_dir / "val_predictions.csv", index=False)
+    png = _plots(test_frame, threshold, out_dir, f"{backbone}: test split")
+    metrics_file = out_dir / "metrics.json"
+    tmp = metrics_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    os.replace(tmp, metrics_file)
+
+    with tracking.resume_run(params.tracking, meta["mlflow_run_id"]) as run:
+        if run is not None:
+            flat = {f"test_{m}": v["value"] for m, v in test_metrics.items() if isinstance(v, dict)}
+            flat |= {f"val_{m}": v for m, v in val_metrics.items()}
+            flat |= {f"test_no_tta_{m}": v for m, v in no_tta.items()}
+            flat |= {"threshold": threshold}
+            tracking.log_metrics({k: v for k, v in flat.items() if np.isfinite(v)})
+            tracking.log_artifacts([png, metrics_file], artifact_path="evaluation")
+    log.info(
+        "%s: test accuracy %.4f AUC %.4f at threshold %.3f (%s)",
+        backbone,
+        test_metrics["accuracy"]["value"],
+        test_metrics["roc_auc"]["value"],
+        threshold,
+        cfg.threshold,
+    )
+    return metrics
