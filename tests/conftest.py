@@ -71,3 +71,60 @@ def _no_user_mlflow(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never log into a developer's own tracking server."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+TINY_PARAMS = {
+    "seed": 3,
+    "backbones": ["resnet50", "efficientnet-b0"],
+    "data": {
+        "sample": {
+            "train": {"normal": 24, "pneumonia": 40},
+            "val": {"normal": 4, "pneumonia": 4},
+            "test": {"normal": 16, "pneumonia": 24},
+            "image_size": 64,
+        },
+        "image_size": 32,
+        "val_fraction": 0.25,
+    },
+    "train": {"epochs": 2, "batch_size": 16, "patience": 2},
+    "evaluate": {"tta": ["identity", "hflip"], "bootstrap": {"resamples": 50, "seed": 0}},
+    "tracking": {"experiment": "tests"},
+}
+
+
+def _run_stages(*commands: tuple[str, ...]) -> None:
+    for command in commands:
+        result = run_cli(*command)
+        assert result.exit_code == 0, (command, result.output)
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder where fetch → preprocess → train → evaluate ran for two small backbones.
+
+    Shared by many tests (training is the slow part); tests must not modify it.
+    """
+    import yaml
+
+    root = tmp_path_factory.mktemp("tiny_project")
+    previous = Path.cwd()
+    os.chdir(root)
+    try:
+        (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+        _run_stages(("fetch",), ("preprocess", "--workers", "1"))
+        for backbone in TINY_PARAMS["backbones"]:
+            _run_stages(("train", backbone), ("evaluate", backbone))
+    finally:
+        os.chdir(previous)
+    return root
+
+
+@pytest.fixture
+def project_copy(tiny_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private copy of the tiny project, as the working directory."""
+    import shutil
+
+    copy = tmp_path / "project"
+    shutil.copytree(tiny_project, copy)
+    monkeypatch.chdir(copy)
+    return copy

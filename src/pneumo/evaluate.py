@@ -59,7 +59,7 @@ def tta_probabilities(
     transforms = [tta_view(v) for v in views]
     out = np.empty((len(views), len(images)), dtype=np.float64)
     for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.asarray(images[start : start + batch_size]))[:, None]
+        batch = torch.from_numpy(np.array(images[start : start + batch_size]))[:, None]
         batch = batch.to(device)
         for row, view in enumerate(transforms):
             probs = torch.sigmoid(model(view(batch)).float())

@@ -1,0 +1,150 @@
+"""compare, the model registry with its promotion gate, the pyfunc model and predict."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import run_cli
+
+NAME = "pneumo-classifier"
+
+
+@pytest.fixture
+def compared(project_copy: Path) -> Path:
+    result = run_cli("compare")
+    assert result.exit_code == 0, result.output
+    mlflow.set_tracking_uri(f"sqlite:///{project_copy / 'mlflow.db'}")
+    return project_copy
+
+
+def test_comparison_files(compared):
+    result = json.loads((compared / "reports/comparison.json").read_text())
+    assert set(result["rows"]) == {"resnet50", "efficientnet-b0", "ensemble"}
+    assert result["best"] in {"resnet50", "efficientnet-b0"}
+    val_metric = [result["rows"][n]["val"]["roc_auc"] for n in result["ranking"]]
+    assert val_metric == sorted(val_metric, reverse=True)
+    other = next(n for n in result["ranking"] if n not in (result["best"],))
+    assert 0 <= result["paired_tests_vs_best"][other]["mcnemar_p_accuracy"] <= 1
+    markdown = (compared / "reports/comparison.md").read_text()
+    assert "generated synthetic sample" in markdown and "| ensemble |" in markdown
+    assert (compared / "reports/comparison_roc.png").stat().st_size > 1000
+
+
+def test_versions_are_registered_with_tags_and_a_challenger(compared):
+    client = MlflowClient()
+    versions = client.search_model_versions(f"name='{NAME}'")
+    assert len(versions) == 2
+    challenger = client.get_model_version_by_alias(NAME, "challenger")
+    best = json.loads((compared / "reports/comparison.json").read_text())["best"]
+    assert challenger.tags["backbone"] == best
+    for key in ("git_commit", "dvc_experiment", "data_hash", "val_auc", "val_recall", "threshold"):
+        assert key in challenger.tags
+    assert challenger.current_stage == "None"  # aliases only, no deprecated stages
+
+
+def test_promote_moves_champion_and_the_gate_refuses_a_regression(compared):
+    client = MlflowClient()
+    first = run_cli("promote")
+    assert first.exit_code == 0 and "promoted" in first.output
+    champion = client.get_model_version_by_alias(NAME, "champion")
+    other = next(
+        v for v in client.search_model_versions(f"name='{NAME}'") if v.version != champion.version
+    )
+    client.set_model_version_tag(NAME, other.version, "val_auc", "0.0")
+
+    refused = run_cli("promote", "--version", other.version)
+    assert refused.exit_code == 1
+    assert "not promoted" in refused.output and "val_auc 0.0000 <" in refused.output
+    assert client.get_model_version_by_alias(NAME, "champion").version == champion.version
+    assert client.get_model_version(NAME, other.version).tags["promotion"].startswith("refused")
+
+    forced = run_cli("promote", "--version", other.version, "--force")
+    assert forced.exit_code == 0 and "forced despite" in forced.output
+    assert client.get_model_version_by_alias(NAME, "champion").version == other.version
+
+
+def test_promote_without_a_challenger_explains_what_to_run(project_copy):
+    result = run_cli("promote")
+    assert result.exit_code == 1 and "dvc repro" in result.output
+
+
+def _some_images(root: Path, n: int = 3) -> list[Path]:
+    return sorted((root / "data/raw/test").rglob("*.jpeg"))[:n]
+
+
+def test_champion_pyfunc_round_trip_in_a_fresh_process(compared):
+    assert run_cli("promote").exit_code == 0
+    images = _some_images(compared)
+    encoded = [base64.b64encode(p.read_bytes()).decode() for p in images]
+    code = (
+        "import json, sys, mlflow, pandas as pd;"
+        f"mlflow.set_tracking_uri('sqlite:///{compared / 'mlflow.db'}');"
+        f"model = mlflow.pyfunc.load_model('models:/{NAME}@champion');"
+        "frame = pd.DataFrame({'image': json.load(sys.stdin)});"
+        "print(model.predict(frame).to_json(orient='records'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], input=json.dumps(encoded), capture_output=True,
+        text=True, check=True, cwd=compared,
+    )  # fmt: skip
+    predicted = pd.DataFrame(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert list(predicted.columns) == ["probability", "label"]
+    assert predicted.probability.between(0, 1).all()
+
+    cli = run_cli("predict", *map(str, images), "--output", "json")
+    assert cli.exit_code == 0, cli.output
+    rows = json.loads(cli.output)
+    assert [r["probability"] for r in rows] == pytest.approx(list(predicted.probability))
+    assert [r["label"] for r in rows] == list(predicted.label)
+
+
+def test_pyfunc_accepts_prepared_pixel_arrays(compared):
+    import numpy as np
+
+    from pneumo.images import prepare_image
+
+    assert run_cli("promote").exit_code == 0
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    image = _some_images(compared, 1)[0]
+    pixels = prepare_image(image.read_bytes(), 32, "pad")
+    as_pixels = model.predict(pd.DataFrame({"image": [pixels]}))
+    as_bytes = model.predict(pd.DataFrame({"image": [image.read_bytes()]}))
+    assert as_pixels.probability[0] == pytest.approx(as_bytes.probability[0])
+    with pytest.raises(ValueError, match="uint8"):
+        model.predict(pd.DataFrame({"image": [np.zeros((5, 5), np.uint8)]}))
+
+
+def test_predict_reports_a_corrupt_file_and_still_predicts_the_others(project_copy):
+    images = _some_images(project_copy, 2)
+    corrupt = project_copy / "corrupt.jpeg"
+    corrupt.write_bytes(images[0].read_bytes()[:100])
+    result = run_cli(
+        "predict", str(images[0]), str(corrupt), str(images[1]), "--model", "models/resnet50"
+    )
+    assert result.exit_code == 1
+    rows = list(pd.read_csv(__import__("io").StringIO(result.output)).itertuples())
+    assert [Path(r.file).name for r in rows] == [images[0].name, "corrupt.jpeg", images[1].name]
+    assert pd.isna(rows[1].probability) and isinstance(rows[1].error, str)
+    assert 0 <= rows[0].probability <= 1 and rows[0].label in ("NORMAL", "PNEUMONIA")
+
+
+def test_predict_a_folder_with_the_local_model(project_copy):
+    result = run_cli("predict", "data/raw/val", "--model", "models/efficientnet-b0")
+    assert result.exit_code == 0
+    assert len(result.output.strip().splitlines()) == 1 + len(
+        list(Path("data/raw/val").rglob("*.jpeg"))
+    )
+
+
+def test_predict_without_a_champion_explains(project_copy):
+    result = run_cli("predict", str(_some_images(project_copy, 1)[0]))
+    assert result.exit_code == 1 and "pneumo promote" in result.output

@@ -1,0 +1,103 @@
+"""TTA views and the evaluate stage on the tiny trained project."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from pneumo.evaluate import tta_probabilities, tta_view
+from tests.conftest import run_cli
+
+
+def _symmetric_image() -> torch.Tensor:
+    half = torch.randint(0, 256, (1, 1, 16, 8), dtype=torch.uint8)
+    return torch.cat([half, half.flip(-1)], dim=-1)
+
+
+def test_hflip_of_a_symmetric_image_is_the_image():
+    image = _symmetric_image()
+    assert torch.equal(tta_view("hflip")(image), image)
+    asymmetric = torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4)
+    assert torch.equal(tta_view("hflip")(asymmetric), asymmetric.flip(-1))
+
+
+def test_identity_zero_rotation_and_unit_scale_change_nothing():
+    image = torch.randint(0, 256, (2, 1, 12, 12), dtype=torch.uint8)
+    for spec in ("identity", "rotate:0", "scale:1.0"):
+        assert torch.equal(tta_view(spec)(image), image), spec
+
+
+def test_rotation_by_ninety_degrees_is_exact():
+    image = torch.arange(25, dtype=torch.uint8).view(1, 1, 5, 5)
+    assert torch.equal(tta_view("rotate:90")(image), torch.rot90(image, 1, dims=(-2, -1)))
+
+
+def test_scale_zooms_about_the_centre():
+    image = torch.zeros(1, 1, 9, 9, dtype=torch.uint8)
+    image[..., 4, 4] = 255
+    zoomed = tta_view("scale:2.0")(image)
+    assert zoomed[..., 4, 4].item() == 255 and zoomed.sum() > image.sum()
+
+
+class MeanBrightness(nn.Module):
+    """Logit = mean of the left half minus mean of the right half (flip-sensitive)."""
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.float() / 255
+        half = x.shape[-1] // 2
+        return (x[..., :half].mean((1, 2, 3)) - x[..., half:].mean((1, 2, 3))) * 4
+
+
+def test_tta_probabilities_average_views_per_image():
+    images = np.zeros((3, 8, 8), np.uint8)
+    images[:, :, :4] = 255  # bright left half
+    per_view = tta_probabilities(MeanBrightness(), images, ["identity", "hflip"], batch_size=2)
+    assert per_view.shape == (2, 3)
+    assert per_view[0] == pytest.approx(1 / (1 + np.exp(-4)))
+    assert per_view[1] == pytest.approx(1 / (1 + np.exp(4)))
+    assert per_view.mean(axis=0) == pytest.approx(0.5)
+
+
+def test_evaluate_outputs(tiny_project):
+    out = tiny_project / "reports/eval/resnet50"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["threshold_rule"] == "youden" and 0 <= metrics["threshold"] <= 1
+    for name in ("accuracy", "roc_auc", "recall", "specificity", "brier", "average_precision"):
+        value = metrics["test"][name]
+        assert value["ci_low"] <= value["value"] <= value["ci_high"], name
+    assert set(metrics["tta_gain"]) == {"accuracy", "roc_auc", "f1"}
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert list(predictions.columns) == [
+        "image",
+        "patient",
+        "label",
+        "target",
+        "probability",
+        "predicted",
+        "p_identity",
+        "p_hflip",
+    ]
+    assert len(predictions) == metrics["n_test"]
+    assert np.allclose(predictions.probability, predictions[["p_identity", "p_hflip"]].mean(1))
+    counts = metrics["test"]
+    assert counts["tp"] + counts["fn"] == (predictions.target == 1).sum()
+    for plot in ("roc.csv", "pr.csv", "calibration.csv", "evaluation.png", "val_predictions.csv"):
+        assert (out / plot).stat().st_size > 0
+
+
+def test_threshold_ignores_the_test_split(project_copy):
+    """Scrambling the cached test images changes test metrics but never the threshold."""
+    before = json.loads((project_copy / "reports/eval/resnet50/metrics.json").read_text())
+    test_file = project_copy / "data/processed/test_images.npy"
+    images = np.load(test_file)
+    np.save(test_file, np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8))
+    assert run_cli("evaluate", "resnet50").exit_code == 0
+    after = json.loads((project_copy / "reports/eval/resnet50/metrics.json").read_text())
+    assert after["threshold"] == before["threshold"]
+    assert after["val"] == before["val"]
+    assert after["test"]["roc_auc"]["value"] != before["test"]["roc_auc"]["value"]

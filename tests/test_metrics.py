@@ -1,0 +1,119 @@
+"""Thresholds, metrics, bootstrap intervals and paired tests on hand-made scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    balanced_accuracy_score,
+    brier_score_loss,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+from pneumo.metrics import (
+    binary_metrics,
+    bootstrap_ci,
+    choose_threshold,
+    mcnemar_exact,
+    paired_bootstrap_auc,
+    stratified_resamples,
+)
+
+Y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+P = np.array([0.1, 0.3, 0.35, 0.8, 0.2, 0.4, 0.6, 0.7, 0.9, 0.95])
+
+
+def test_fixed_threshold_is_used_as_is():
+    assert choose_threshold(0.8, Y, P) == 0.8
+
+
+def test_youden_picks_the_threshold_maximising_tpr_minus_fpr():
+    # At 0.4: tpr 5/6, fpr 1/4 → J = 0.583, the maximum over all cut points.
+    assert choose_threshold("youden", Y, P) == 0.4
+
+
+@pytest.mark.parametrize(("target", "expected"), [(0.5, 0.7), (0.8, 0.4), (1.0, 0.2)])
+def test_recall_rule_picks_the_highest_threshold_reaching_the_target(target, expected):
+    threshold = choose_threshold(f"recall>={target}", Y, P)
+    assert threshold == expected
+    assert recall_score(Y, threshold <= P) >= target
+    assert recall_score(Y, threshold + 1e-9 <= P) < target or threshold == P.max()
+
+
+def test_metrics_match_scikit_learn():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 200)
+    p = np.clip(y * 0.3 + rng.random(200) * 0.7, 0, 1)
+    m = binary_metrics(y, p, 0.5)
+    predicted = p >= 0.5
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, predicted))
+    assert m["precision"] == pytest.approx(precision_score(y, predicted))
+    assert m["recall"] == pytest.approx(recall_score(y, predicted))
+    assert m["specificity"] == pytest.approx(recall_score(1 - y, ~predicted))
+    assert m["f1"] == pytest.approx(f1_score(y, predicted))
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, predicted))
+    assert m["roc_auc"] == pytest.approx(roc_auc_score(y, p))
+    assert m["average_precision"] == pytest.approx(average_precision_score(y, p))
+    assert m["brier"] == pytest.approx(brier_score_loss(y, p))
+    assert m["tp"] + m["fn"] == y.sum() and m["tn"] + m["fp"] == (1 - y).sum()
+
+
+def test_no_positive_predictions_give_zero_precision_not_an_error():
+    m = binary_metrics(Y, P, 0.99)
+    assert m["precision"] == 0.0 and m["recall"] == 0.0 and m["f1"] == 0.0
+
+
+def test_stratified_resamples_keep_the_class_counts():
+    for idx in stratified_resamples(Y, 20, seed=0):
+        assert Y[idx].sum() == Y.sum() and len(idx) == len(Y)
+
+
+def _scores(n: int, seed: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.6).astype(int)
+    return y, np.clip(0.35 * y + 0.65 * rng.random(n), 0, 1)
+
+
+def test_bootstrap_intervals_contain_the_estimate_and_shrink_with_more_samples():
+    widths = []
+    for n in (80, 1280):
+        y, p = _scores(n)
+        point = binary_metrics(y, p, 0.5)
+        ci = bootstrap_ci(y, p, 0.5, resamples=300, seed=0)
+        for metric in ("accuracy", "recall", "roc_auc", "f1"):
+            low, high = ci[metric]
+            assert low <= point[metric] <= high, metric
+        widths.append(ci["roc_auc"][1] - ci["roc_auc"][0])
+    assert widths[1] < widths[0] / 2
+
+
+def test_bootstrap_is_reproducible_with_its_seed():
+    y, p = _scores(100)
+    assert bootstrap_ci(y, p, 0.5, resamples=50, seed=4) == bootstrap_ci(
+        y, p, 0.5, resamples=50, seed=4
+    )
+
+
+def test_mcnemar_counts_only_discordant_pairs():
+    y = np.ones(30, dtype=int)
+    same = np.ones(30, dtype=int)
+    assert mcnemar_exact(y, same, same) == 1.0
+    a = np.ones(30, dtype=int)
+    b = np.ones(30, dtype=int)
+    b[:12] = 0  # b wrong on 12 images a gets right, never the reverse
+    assert mcnemar_exact(y, a, b) == pytest.approx(2 * 0.5**12)
+
+
+def test_paired_auc_difference_detects_a_better_model():
+    y, good = _scores(400)
+    noise = np.random.default_rng(9).random(400)
+    result = paired_bootstrap_auc(y, good, noise, resamples=200, seed=0)
+    assert result["difference"] == pytest.approx(roc_auc_score(y, good) - roc_auc_score(y, noise))
+    assert result["ci_low"] > 0 and result["p"] < 0.05
+    same = paired_bootstrap_auc(y, good, good, resamples=50, seed=0)
+    assert same["difference"] == 0 and same["p"] == 1.0

@@ -1,0 +1,137 @@
+"""The train stage: outputs, MLflow run, determinism and failure modes."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+
+from pneumo.config import parse_params
+from pneumo.data import ArrayDataset, CachedSplit, make_loader
+from pneumo.losses import FocalLoss
+from pneumo.models import build_model
+from pneumo.train import (
+    Precision,
+    TrainingDivergedError,
+    fit,
+    load_checkpoint,
+    train_one_epoch,
+)
+from tests.conftest import TINY_PARAMS, run_cli
+
+
+def test_outputs_of_the_train_stage(tiny_project):
+    model_dir = tiny_project / "models/resnet50"
+    meta = json.loads((model_dir / "meta.json").read_text())
+    assert meta["backbone"] == "resnet50" and meta["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert meta["image_size"] == 32 and meta["normalisation"]["mean"] == [0.5, 0.5, 0.5]
+    assert 1 <= meta["best_epoch"] <= 2 and meta["params"]["loss"]["name"] == "focal"
+    state = torch.load(model_dir / "model.pt", weights_only=True)
+    assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+    model, _ = load_checkpoint(model_dir)
+    assert not model.training
+    history = pd.read_csv(tiny_project / "reports/train/resnet50/history.csv")
+    assert list(history.epoch) == [1, 2]
+    metrics = json.loads((tiny_project / "reports/train/resnet50/metrics.json").read_text())
+    assert metrics["best_val_loss"] == pytest.approx(history.val_loss.min())
+    assert (model_dir / "curves.png").stat().st_size > 1000
+
+
+def test_the_training_run_is_in_mlflow(tiny_project):
+    meta = json.loads((tiny_project / "models/resnet50/meta.json").read_text())
+    mlflow.set_tracking_uri(f"sqlite:///{tiny_project / 'mlflow.db'}")
+    run = mlflow.get_run(meta["mlflow_run_id"])
+    assert run.info.run_name == "workspace-resnet50"
+    assert run.data.tags["dvc_experiment"] == "workspace"
+    assert run.data.tags["dvc_stage"] == "train@resnet50"
+    assert run.data.tags["data_hash"] == meta["data_hash"]
+    assert "git_commit" in run.data.tags and "git_dirty" in run.data.tags
+    assert run.data.params["loss.gamma"] == "2.0" and run.data.params["backbone"] == "resnet50"
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")
+    assert [m.step for m in history] == [1, 2]
+    assert "test_roc_auc" in run.data.metrics  # added by evaluate, same run
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"model.pt", "meta.json", "curves.png", "params.json", "evaluation"} <= artifacts
+
+
+def _tiny_params(**train):
+    raw = json.loads(json.dumps(TINY_PARAMS))
+    raw["train"] |= train
+    return parse_params(raw)
+
+
+def test_two_cpu_runs_with_the_same_params_are_identical(tiny_project):
+    params = _tiny_params(epochs=1)
+    cache = tiny_project / "data/processed"
+    first = fit(params, "efficientnet-b0", cache, torch.device("cpu"))
+    second = fit(params, "efficientnet-b0", cache, torch.device("cpu"))
+    keys = ("train_loss", "val_loss", "val_auc")
+    assert [{k: h[k] for k in keys} for h in first.history] == [
+        {k: h[k] for k in keys} for h in second.history
+    ]
+    second_state = second.model.state_dict()
+    for key, value in first.model.state_dict().items():
+        assert torch.equal(value, second_state[key]), key
+
+
+def test_nan_loss_stops_training_with_a_clear_error(tiny_project):
+    split = CachedSplit.load(tiny_project / "data/processed", "train")
+    loader = make_loader(ArrayDataset(split), batch_size=8)
+    model = build_model("resnet50")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def nan_loss(logits, targets):
+        return logits.sum() * float("nan")
+
+    with pytest.raises(TrainingDivergedError, match="lower train.lr"):
+        train_one_epoch(model, loader, nan_loss, optimizer, torch.device("cpu"))
+
+
+def test_mixed_precision_and_channels_last_path_runs_on_cpu(tiny_project):
+    """The CUDA settings, exercised with CPU autocast (bfloat16) and channels_last."""
+    split = CachedSplit.load(tiny_project / "data/processed", "train")
+    loader = make_loader(ArrayDataset(split), batch_size=16)
+    model = build_model("resnet50").to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    precision = Precision(amp_dtype=torch.bfloat16, channels_last=True)
+    stats = train_one_epoch(model, loader, FocalLoss(), optimizer, torch.device("cpu"), precision)
+    assert stats["train_loss"] > 0 and stats["images_per_second"] > 0
+    assert precision.to_input(torch.zeros(2, 1, 4, 4), torch.device("cpu")).is_contiguous(
+        memory_format=torch.channels_last
+    )
+
+
+def test_cpu_runs_in_full_precision():
+    cpu = Precision.for_device(torch.device("cpu"), _tiny_params().train)
+    assert cpu == Precision(amp_dtype=None, channels_last=False)
+    cuda = Precision.for_device(torch.device("cuda"), _tiny_params().train)
+    assert cuda == Precision(amp_dtype=torch.float16, channels_last=True)
+
+
+def test_interrupted_training_leaves_the_previous_checkpoint_untouched(project_copy, monkeypatch):
+    before = {
+        p: p.read_bytes() for p in sorted((project_copy / "models").rglob("*")) if p.is_file()
+    }
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pneumo.train._curves_png", interrupted)
+    result = run_cli("train", "resnet50")
+    assert result.exit_code != 0
+    after = {p: p.read_bytes() for p in sorted((project_copy / "models").rglob("*")) if p.is_file()}
+    assert after == before  # no new checkpoint, no staging folder left behind
+
+
+def test_invalid_params_fail_before_any_data_is_read(in_tmp):
+    result = run_cli("train", "resnet50", params={"train": {"lr": 0}, "loss": {"gamma": -1}})
+    assert result.exit_code == 1
+    assert "train.lr" in result.output and "loss.gamma" in result.output
+
+
+def test_backbone_must_be_listed_in_params(in_tmp):
+    result = run_cli("train", "resnet18", params={})
+    assert result.exit_code == 1 and "not in params.yaml backbones" in result.output
