@@ -21,6 +21,7 @@ from pneumo.metrics import (
     choose_threshold,
     mcnemar_exact,
     paired_bootstrap_auc,
+    resampled_metrics,
     stratified_resamples,
 )
 
@@ -117,3 +118,13 @@ def test_paired_auc_difference_detects_a_better_model():
     assert result["ci_low"] > 0 and result["p"] < 0.05
     same = paired_bootstrap_auc(y, good, good, resamples=50, seed=0)
     assert same["difference"] == 0 and same["p"] == 1.0
+
+
+def test_vectorised_resample_metrics_equal_binary_metrics_on_each_resample():
+    y, p = _scores(120)
+    p[:10] = 0.5  # ties, which the AUC kernel must count as one half
+    draws = resampled_metrics(y, p, 0.5, resamples=15, seed=3)
+    for row, idx in enumerate(stratified_resamples(y, 15, seed=3)):
+        expected = binary_metrics(y[idx], p[idx], 0.5)
+        for metric in draws:
+            assert draws[metric][row] == pytest.approx(expected[metric]), metric

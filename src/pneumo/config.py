@@ -65,7 +65,7 @@ class SplitCounts(Section):
 class SampleConfig(Section):
     """The generated data set: counts per official split, image side, images per patient."""
 
-    train: SplitCounts = SplitCounts(normal=110, pneumonia=330)
+    train: SplitCounts = SplitCounts(normal=90, pneumonia=270)
     val: SplitCounts = SplitCounts(normal=8, pneumonia=8)
     test: SplitCounts = SplitCounts(normal=60, pneumonia=100)
     image_size: Annotated[int, Field(ge=32, le=1024)] = 128
@@ -77,7 +77,7 @@ class DataConfig(Section):
     kaggle_dataset: str = "paultimothymooney/chest-xray-pneumonia"
     local_path: str | None = None
     sample: SampleConfig = SampleConfig()
-    image_size: Annotated[int, Field(ge=16, le=1024)] = 64
+    image_size: Annotated[int, Field(ge=16, le=1024)] = 48
     resize: Literal["pad", "crop"] = "pad"
     val_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.15
     max_bad_fraction: Fraction = 0.01
@@ -107,13 +107,13 @@ class LossConfig(Section):
 class AugmentConfig(Section):
     """Training-time augmentations; 0 / false switches one off."""
 
-    rotation: Annotated[float, Field(ge=0.0, le=180.0)] = 15.0
+    rotation: Annotated[float, Field(ge=0.0, le=180.0)] = 10.0
     hflip: bool = True
-    translate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
-    brightness: Annotated[float, Field(ge=0.0, le=1.0)] = 0.2
-    contrast: Annotated[float, Field(ge=0.0, le=1.0)] = 0.2
+    translate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    brightness: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    contrast: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
     blur_sigma: Annotated[float, Field(ge=0.0, le=5.0)] = 0.0
-    crop_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 0.8
+    crop_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
 
 
 class TrainConfig(Section):
