@@ -1,0 +1,123 @@
+"""End to end: `dvc repro` on the embedded default in a temporary copy of the repository,
+then promotion, prediction, plots and a `dvc exp run` that reruns only what it must."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def _run(*args: str, cwd: Path) -> str:
+    env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("DVC_ROOT", None)
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{args} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def _ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory) -> Path:
+    """The committed files only (no data, models, tracking store), as a fresh git repo."""
+    copy = tmp_path_factory.mktemp("clone") / "pneumo"
+    files = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
+    for rel in filter(None, files):
+        source = REPO_ROOT / rel
+        if source.is_file():
+            (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, copy / rel)
+    _run("git", "init", "-q", cwd=copy)
+    _run("git", "add", "-A", cwd=copy)
+    _run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy", cwd=copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def reproduced(repo_copy: Path) -> tuple[Path, str]:
+    return repo_copy, _run("dvc", "repro", cwd=repo_copy)
+
+
+def test_repro_runs_every_stage_and_leaves_nothing_to_do(reproduced):
+    root, output = reproduced
+    assert _ran_stages(output) >= {
+        "fetch", "preprocess", "train@densenet121", "train@resnet50", "train@efficientnet-b4",
+        "evaluate@densenet121", "evaluate@resnet50", "evaluate@efficientnet-b4", "compare",
+    }  # fmt: skip
+    assert (root / "data/processed/report.json").is_file()
+    assert "Data and pipelines are up to date" in _run("dvc", "status", cwd=root)
+    started = time.perf_counter()
+    again = _run("dvc", "repro", cwd=root)
+    assert _ran_stages(again) == set()
+    assert time.perf_counter() - started < 10
+
+
+def test_repro_reproduces_the_committed_results(reproduced):
+    """Same code, params and seed on the CPU: the committed metrics come out again."""
+    root, _ = reproduced
+    for file in ("reports/comparison.json", "README.md"):
+        assert (root / file).read_text() == (REPO_ROOT / file).read_text(), file
+
+
+def test_registry_promote_and_predict(reproduced):
+    root, _ = reproduced
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    client = MlflowClient()
+    versions = client.search_model_versions("name='pneumo-classifier'")
+    assert len(versions) == 3
+    challenger = client.get_model_version_by_alias("pneumo-classifier", "challenger")
+    best = json.loads((root / "reports/comparison.json").read_text())["best"]
+    assert challenger.tags["backbone"] == best
+    assert "promoted" in _run("pneumo", "promote", cwd=root)
+    images = sorted((root / "data/raw/test/PNEUMONIA").iterdir())[:3]
+    output = _run("pneumo", "predict", *map(str, images), cwd=root)
+    lines = output.strip().splitlines()
+    assert lines[-4] == "file,probability,label,error"
+    assert all(re.search(r",0\.\d+,(NORMAL|PNEUMONIA),$", line) for line in lines[-3:])
+
+
+def test_dvc_plots_render(reproduced):
+    root, _ = reproduced
+    _run("dvc", "plots", "show", "-o", "plots_html", cwd=root)
+    html = (root / "plots_html/index.html").read_text()
+    for name in ("roc.csv", "pr.csv", "calibration.csv", "predictions.csv", "history.csv"):
+        assert name in html, name
+
+
+def test_exp_run_reruns_only_training_and_later(reproduced):
+    root, _ = reproduced
+    output = _run("dvc", "exp", "run", "-n", "gamma15", "-S", "loss.gamma=1.5", cwd=root)
+    ran = _ran_stages(output)
+    assert "fetch" not in ran and "preprocess" not in ran
+    assert {"train@resnet50", "evaluate@resnet50", "compare"} <= ran
+    shown = _run("dvc", "exp", "show", "--json", cwd=root)
+    assert "gamma15" in shown and "roc_auc" in shown
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    runs = mlflow.search_runs(
+        experiment_names=["pneumo"], filter_string="tags.dvc_experiment = 'gamma15'"
+    )
+    assert sorted(runs["tags.mlflow.runName"]) == [
+        "gamma15-densenet121",
+        "gamma15-efficientnet-b4",
+        "gamma15-resnet50",
+    ]
+    assert set(runs["params.loss.gamma"]) == {"1.5"}
