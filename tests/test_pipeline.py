@@ -97,10 +97,13 @@ def test_registry_promote_and_predict(reproduced):
 
 def test_dvc_plots_render(reproduced):
     root, _ = reproduced
-    _run("dvc", "plots", "show", "-o", "plots_html", cwd=root)
+    output = _run("dvc", "plots", "show", "-o", "plots_html", cwd=root)
+    assert "WARNING" not in output and "ERROR" not in output
     html = (root / "plots_html/index.html").read_text()
-    for name in ("roc.csv", "pr.csv", "calibration.csv", "predictions.csv", "history.csv"):
-        assert name in html, name
+    for backbone in ("densenet121", "resnet50", "efficientnet-b4"):
+        for name in ("roc_csv", "pr_csv", "calibration_csv", "predictions_csv"):
+            assert f"reports_eval_{backbone}_{name}" in html, (backbone, name)
+        assert f"reports/history/{backbone}.csv" in html
 
 
 def test_exp_run_reruns_only_training_and_later(reproduced):

@@ -48,7 +48,7 @@ def test_dvc_yaml_paths_match_the_code():
     assert _outs(stages["train"]) == {
         str(paths.model_dir(b)),
         str(paths.train_report_dir(b) / "metrics.json"),
-        str(paths.train_report_dir(b) / "history.csv"),
+        str(paths.history_csv(b)),
     }
     assert str(paths.PROCESSED_DIR) in stages["train"]["deps"]
     evaluate_dir = paths.eval_report_dir(b)

@@ -33,7 +33,7 @@ def test_outputs_of_the_train_stage(tiny_project):
     assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
     model, _ = load_checkpoint(model_dir)
     assert not model.training
-    history = pd.read_csv(tiny_project / "reports/train/resnet50/history.csv")
+    history = pd.read_csv(tiny_project / "reports/history/resnet50.csv")
     assert list(history.epoch) == [1, 2]
     metrics = json.loads((tiny_project / "reports/train/resnet50/metrics.json").read_text())
     assert metrics["best_val_loss"] == pytest.approx(history.val_loss.min())

@@ -113,7 +113,7 @@ def check(ctx: click.Context) -> None:
 @click.pass_context
 @_friendly
 def train(ctx: click.Context, backbone: str) -> None:
-    """Train BACKBONE on the cache; writes models/BACKBONE and reports/train/BACKBONE."""
+    """Train BACKBONE on the cache; writes models/BACKBONE and its reports."""
     params = _params(ctx)
     if backbone not in params.backbones:
         raise PneumoError(f"{backbone!r} is not in params.yaml backbones {params.backbones}")
@@ -125,6 +125,7 @@ def train(ctx: click.Context, backbone: str) -> None:
         paths.PROCESSED_DIR,
         paths.model_dir(backbone),
         paths.train_report_dir(backbone),
+        paths.history_csv(backbone),
     )
 
 
@@ -219,3 +220,47 @@ def predict(ctx: click.Context, inputs: tuple[Path, ...], model: str | None, out
         writer.writerows(rows)
     if any("error" in row for row in rows):
         ctx.exit(1)
+
+
+@main.command()
+@click.argument("names", nargs=-1)
+@click.option("-j", "--jobs", default=1, show_default=True, help="Experiments run at once.")
+@click.option("--prefix", default="", help="Prefix for the experiment names.")
+@click.pass_context
+@_friendly
+def approaches(ctx: click.Context, names: tuple[str, ...], jobs: int, prefix: str) -> None:
+    """Queue the approaches in configs/approaches/ (default: all five) as DVC experiments and
+    run them JOBS at a time."""
+    from pneumo import experiments, tracking
+
+    params = _params(ctx)
+    chosen = list(names) or list(experiments.APPROACH_ORDER)
+    # Create the tracking database once, before parallel experiments race to migrate it.
+    tracking.configure(params.tracking)
+    done = experiments.queue_and_run(chosen, jobs=jobs, prefix=prefix)
+    click.echo(f"finished experiments: {', '.join(done)}; next: pneumo report")
+
+
+@main.command()
+@click.argument("names", nargs=-1)
+@click.option("--no-readme", is_flag=True, help="Leave README.md's experiments block alone.")
+@click.pass_context
+@_friendly
+def report(ctx: click.Context, names: tuple[str, ...], no_readme: bool) -> None:
+    """Tables of the finished approach experiments → reports/experiments.{json,md}, README."""
+    import subprocess
+
+    from pneumo import experiments
+    from pneumo.compare import update_readme_block
+
+    chosen = list(names) or list(experiments.APPROACH_ORDER)
+    shown = subprocess.run(
+        ["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True
+    ).stdout
+    result = experiments.build_report(experiments.collect(json.loads(shown), chosen))
+    markdown = experiments.render_report(result)
+    paths.EXPERIMENTS_JSON.write_text(json.dumps(result, indent=2) + "\n")
+    paths.EXPERIMENTS_MD.write_text(markdown)
+    if not no_readme:
+        update_readme_block(paths.README, markdown, name="experiments")
+    click.echo(markdown)

@@ -233,16 +233,17 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     return parse_params(raw)
 
 
+def flatten_mapping(mapping: dict[str, Any]) -> dict[str, Any]:
+    """Nested mapping → dotted keys (``{"loss": {"gamma": 2}}`` → ``{"loss.gamma": 2}``)."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat |= {f"{key}.{inner}": item for inner, item in flatten_mapping(value).items()}
+        else:
+            flat[key] = value
+    return flat
+
+
 def flatten(params: BaseModel) -> dict[str, Any]:
     """Dotted keys → values, the shape MLflow's params table wants."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}.{key}" if prefix else key, item)
-        else:
-            flat[prefix] = value
-
-    walk("", params.model_dump())
-    return flat
+    return flatten_mapping(params.model_dump())

@@ -20,6 +20,8 @@ REPORTS_DIR = Path("reports")
 COMPARISON_MD = REPORTS_DIR / "comparison.md"
 COMPARISON_JSON = REPORTS_DIR / "comparison.json"
 COMPARISON_ROC_PNG = REPORTS_DIR / "comparison_roc.png"
+EXPERIMENTS_JSON = REPORTS_DIR / "experiments.json"
+EXPERIMENTS_MD = REPORTS_DIR / "experiments.md"
 README = Path("README.md")
 
 SPLITS = ("train", "val", "test")
@@ -35,6 +37,11 @@ def model_dir(backbone: str) -> Path:
 
 def train_report_dir(backbone: str) -> Path:
     return REPORTS_DIR / "train" / backbone
+
+
+def history_csv(backbone: str) -> Path:
+    """Per-epoch curves; one folder for all backbones so `dvc plots` can overlay them."""
+    return REPORTS_DIR / "history" / f"{backbone}.csv"
 
 
 def eval_report_dir(backbone: str) -> Path:

@@ -263,7 +263,12 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def train(
-    params: Params, backbone: str, cache_dir: Path, model_dir: Path, report_dir: Path
+    params: Params,
+    backbone: str,
+    cache_dir: Path,
+    model_dir: Path,
+    report_dir: Path,
+    history_file: Path,
 ) -> dict[str, float]:
     """The stage: fit, log the run to MLflow, write checkpoint, meta, metrics and history."""
     device = resolve_device(params.train.device)
@@ -320,9 +325,9 @@ def train(
             shutil.rmtree(staging, ignore_errors=True)
             raise
     report_dir.mkdir(parents=True, exist_ok=True)
-    history_csv = report_dir / "history.csv"
-    history.to_csv(history_csv.with_suffix(".tmp"), index=False)
-    os.replace(history_csv.with_suffix(".tmp"), history_csv)
+    history_file.parent.mkdir(parents=True, exist_ok=True)
+    history.to_csv(history_file.with_suffix(".tmp"), index=False)
+    os.replace(history_file.with_suffix(".tmp"), history_file)
     _write_json(report_dir / "metrics.json", metrics)
     log.info(
         "%s: best epoch %d, val AUC %.4f", backbone, result.best_epoch, metrics["best_val_auc"]

@@ -1,0 +1,101 @@
+"""Benchmark: one epoch of the training split from the preprocess cache vs decoding JPEGs.
+
+Not a test. Usage (the dev archive lies next to the checkout; any Kaggle-layout zip works):
+
+    python scripts/benchmark_cache.py ../shared/data/chest_xray_dev.zip --size 224
+
+It fetches and preprocesses the archive into a temporary folder (timing the preprocess stage
+and its peak memory), then reads the training split once through torch DataLoaders:
+
+* cache: ``pneumo.data.ArrayDataset`` over the memory-mapped uint8 array;
+* JPEG: torchvision ``ImageFolder`` with ``Grayscale`` + ``Resize`` + ``PILToTensor``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+
+def _stage(root: Path, command: str) -> tuple[float, float]:
+    """Run a pneumo stage in a child process; returns (seconds, peak RSS in MiB)."""
+    started = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    subprocess.run([sys.executable, "-m", "pneumo", command], cwd=root, check=True)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return time.perf_counter() - started, max(peak, before) / 1024
+
+
+def _epoch(loader) -> tuple[int, float]:
+    started = time.perf_counter()
+    seen = sum(len(batch[0]) for batch in loader)
+    return seen, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("archive", type=Path)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=0)
+    args = parser.parse_args()
+
+    import torch
+    from torchvision import datasets, transforms
+
+    from pneumo.data import ArrayDataset, CachedSplit, make_loader
+
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        params = {
+            "data": {"source": "local", "local_path": str(args.archive.resolve()),
+                     "image_size": args.size}
+        }  # fmt: skip
+        (root / "params.yaml").write_text(yaml.safe_dump(params))
+        fetch_s, _ = _stage(root, "fetch")
+        preprocess_s, preprocess_peak = _stage(root, "preprocess")
+
+        cache = CachedSplit.load(root / "data/processed", "train")
+        cached_loader = make_loader(
+            ArrayDataset(cache), batch_size=args.batch_size, num_workers=args.workers
+        )
+        jpeg_tf = transforms.Compose(
+            [
+                transforms.Grayscale(),
+                transforms.Resize((args.size, args.size)),
+                transforms.PILToTensor(),
+            ]
+        )
+        # The same files the cache holds for its training split, read the usual way.
+        folder = datasets.ImageFolder(root / "data/raw/train", transform=jpeg_tf)
+        wanted = {str(root / "data/raw" / p) for p in cache.manifest.path}
+        folder.samples = [s for s in folder.samples if s[0] in wanted]
+        jpeg_loader = torch.utils.data.DataLoader(
+            folder, batch_size=args.batch_size, num_workers=args.workers
+        )
+        n_cache, cache_s = _epoch(cached_loader)
+        n_jpeg, jpeg_s = _epoch(jpeg_loader)
+
+    print(
+        f"archive: {args.archive} ({args.size} px, batch {args.batch_size}, "
+        f"{args.workers} workers, torch threads {torch.get_num_threads()})"
+    )
+    print(
+        f"fetch: {fetch_s:.1f} s; preprocess: {preprocess_s:.1f} s, "
+        f"peak RSS of the fetch and preprocess processes {preprocess_peak:.0f} MiB"
+    )
+    print(f"cache epoch: {n_cache} images in {cache_s:.2f} s = {n_cache / cache_s:,.0f} images/s")
+    print(f"JPEG epoch:  {n_jpeg} images in {jpeg_s:.2f} s = {n_jpeg / jpeg_s:,.0f} images/s")
+    print(f"speed-up: {(n_cache / cache_s) / (n_jpeg / jpeg_s):.1f}x")
+
+
+if __name__ == "__main__":
+    main()

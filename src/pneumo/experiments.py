@@ -1,0 +1,221 @@
+"""Named approaches as DVC experiments: queue them, run them in parallel, report them.
+
+An approach is a YAML file of params overrides under ``configs/approaches/`` (``base: other``
+inherits another approach). Queued with ``dvc exp run --queue -n <name> -S key=value …``, each
+experiment records every resolved value in ``dvc exp show``. ``pneumo report`` reads the
+finished experiments back from ``dvc exp show --json`` and renders the two tables of the
+original write-up from them.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pneumo.config import flatten_mapping, parse_params
+from pneumo.errors import UserError
+
+log = logging.getLogger(__name__)
+
+APPROACHES_DIR = Path("configs/approaches")
+APPROACH_ORDER = ("baseline", "balanced", "precision", "final", "final-valthreshold")
+
+
+class ExperimentError(UserError):
+    """An approach is invalid or an experiment failed."""
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merged[key] = _merge(base[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_approach(name: str, folder: Path = APPROACHES_DIR) -> dict:
+    file = folder / f"{name}.yaml"
+    if not file.is_file():
+        known = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise ExperimentError(f"no approach {name!r} in {folder}; known: {known}")
+    overrides = yaml.safe_load(file.read_text()) or {}
+    parent = overrides.pop("base", None)
+    return _merge(load_approach(parent, folder), overrides) if parent else overrides
+
+
+def set_param_args(overrides: dict, params_file: Path = Path("params.yaml")) -> list[str]:
+    """``-S key=value`` arguments, after checking the merged params are valid."""
+    base = yaml.safe_load(params_file.read_text())
+    parse_params(_merge(base, overrides))  # fail now, not inside a queued experiment
+    args: list[str] = []
+    for key, value in flatten_mapping(overrides).items():
+        args += ["-S", f"{key}={_hydra_value(value)}"]
+    return args
+
+
+def _hydra_value(value: Any) -> str:
+    """DVC parses -S values with Hydra's override grammar: quote strings, keep lists."""
+    if isinstance(value, list):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return "'" + value.replace("'", "\\'") + "'"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _dvc(*args: str) -> str:
+    done = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ExperimentError(f"dvc {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+    return done.stdout
+
+
+def queue_and_run(
+    names: list[str], jobs: int, prefix: str = "", poll_seconds: float = 5.0
+) -> list[str]:
+    """Queue one experiment per approach, run them ``jobs`` at a time, wait for all."""
+    queued = []
+    for name in names:
+        exp_name = f"{prefix}{name}"
+        args = set_param_args(load_approach(name))
+        _dvc("exp", "run", "--queue", "-n", exp_name, *args)
+        queued.append(exp_name)
+        log.info("queued %s", exp_name)
+    _dvc("queue", "start", "-j", str(jobs))
+    while True:
+        states = {name: state for name, state in queue_states().items() if name in queued}
+        if len(states) == len(queued) and all(s in ("Success", "Failed") for s in states.values()):
+            break
+        time.sleep(poll_seconds)
+    failed = sorted(name for name, state in states.items() if state == "Failed")
+    if failed:
+        raise ExperimentError(f"experiments {failed} failed; see `dvc queue logs <name>`")
+    return queued
+
+
+def queue_states() -> dict[str, str]:
+    """Experiment name → Queued / Running / Success / Failed, from `dvc queue status`."""
+    states: dict[str, str] = {}
+    for line in _dvc("queue", "status").splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 4:
+            states[parts[1]] = parts[-1]
+    return states
+
+
+def collect(exp_show: list[dict], names: list[str]) -> dict[str, dict]:
+    """Params and per-backbone evaluation metrics of the named experiments.
+
+    ``exp_show`` is the parsed output of ``dvc exp show --json``; when an experiment name
+    was run more than once, the newest run counts.
+    """
+    found: dict[str, dict] = {}
+    for baseline in exp_show:
+        for experiment in baseline.get("experiments") or []:
+            for rev in experiment.get("revs") or []:
+                name = rev.get("name") or experiment.get("name")
+                data = rev.get("data") or {}
+                if name not in names or name in found or rev.get("error"):
+                    continue
+                params = data.get("params", {}).get("params.yaml", {}).get("data", {})
+                evaluations = {
+                    path.split("/")[2]: content["data"]
+                    for path, content in (data.get("metrics") or {}).items()
+                    if path.startswith("reports/eval/") and "data" in content
+                }
+                found[name] = {"params": params, "evaluations": evaluations}
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise ExperimentError(
+            f"experiments {missing} not found in `dvc exp show`; run `pneumo approaches` first"
+        )
+    return found
+
+
+def build_report(collected: dict[str, dict]) -> dict:
+    from pneumo.compare import describe_data
+
+    first = next(iter(collected.values()))
+    params = parse_params(first["params"])
+    rows = []
+    for approach, content in collected.items():
+        exp_params = parse_params(content["params"])
+        for backbone in exp_params.backbones:
+            evaluation = content["evaluations"].get(backbone)
+            if evaluation is None:
+                raise ExperimentError(f"experiment {approach} has no evaluation of {backbone}")
+            rows.append(
+                {
+                    "approach": approach,
+                    "backbone": backbone,
+                    "threshold": evaluation["threshold"],
+                    "threshold_rule": str(exp_params.evaluate.threshold),
+                    "tta_views": exp_params.evaluate.tta,
+                    "loss": exp_params.loss.name,
+                    "sampler": exp_params.train.weighted_sampler,
+                    "test": {k: v for k, v in evaluation["test"].items() if isinstance(v, dict)},
+                    "n_test": evaluation["n_test"],
+                }
+            )
+    return {
+        "data": describe_data(params),
+        "settings": {
+            "image_size": params.data.image_size,
+            "epochs": params.train.epochs,
+            "pretrained": params.model.pretrained,
+        },
+        "rows": rows,
+    }
+
+
+def render_report(report: dict) -> str:
+    from pneumo.compare import TABLE_METRICS, _cell
+
+    settings = report["settings"]
+    init = "ImageNet-pretrained" if settings["pretrained"] else "random init"
+    header = " | ".join(TABLE_METRICS)
+    n_test = report["rows"][0]["n_test"] if report["rows"] else 0
+
+    def table(rows: list[dict], first: str) -> list[str]:
+        lines = [f"| {first} | {header} | threshold |", "|---" * (len(TABLE_METRICS) + 2) + "|"]
+        for row in rows:
+            label = (
+                row["approach"] if first == "approach" else f"{row['backbone']} ({row['approach']})"
+            )
+            cells = " | ".join(_cell(row["test"][m]) for m in TABLE_METRICS)
+            rule = row["threshold_rule"]
+            threshold = f"{row['threshold']:.3f}" + (
+                "" if rule == str(row["threshold"]) else f" ({rule})"
+            )
+            lines.append(f"| {label} | {cells} | {threshold} |")
+        return lines
+
+    resnet = [r for r in report["rows"] if r["backbone"] == "resnet50"]
+    order = {name: i for i, name in enumerate(APPROACH_ORDER)}
+    resnet.sort(key=lambda r: order.get(r["approach"], len(order)))
+    finals = [r for r in report["rows"] if r["approach"].startswith("final")]
+    finals.sort(key=lambda r: (r["approach"], r["backbone"]))
+    lines = [
+        f"Data: {report['data']}. Test images: {n_test}. Settings: {settings['image_size']} px, "
+        f"{settings['epochs']} epochs, {init}. Test metrics with 95% stratified bootstrap "
+        "intervals; thresholds are fixed numbers or chosen on validation only.",
+        "",
+        "**ResNet50 across the four approaches (and ours)**",
+        "",
+        *table(resnet, "approach"),
+        "",
+        "**Backbones with the final recipe**",
+        "",
+        *table(finals, "model"),
+    ]
+    return "\n".join(lines) + "\n"
