@@ -226,41 +226,70 @@ def predict(ctx: click.Context, inputs: tuple[Path, ...], model: str | None, out
 @click.argument("names", nargs=-1)
 @click.option("-j", "--jobs", default=1, show_default=True, help="Experiments run at once.")
 @click.option("--prefix", default="", help="Prefix for the experiment names.")
+@click.option(
+    "-S", "--set", "sets", multiple=True, metavar="KEY=VALUE",
+    help="Extra override for every approach, e.g. -S data.image_size=64 (YAML value).",
+)  # fmt: skip
 @click.pass_context
 @_friendly
-def approaches(ctx: click.Context, names: tuple[str, ...], jobs: int, prefix: str) -> None:
+def approaches(
+    ctx: click.Context, names: tuple[str, ...], jobs: int, prefix: str, sets: tuple[str, ...]
+) -> None:
     """Queue the approaches in configs/approaches/ (default: all five) as DVC experiments and
     run them JOBS at a time."""
+    import yaml
+
     from pneumo import experiments, tracking
 
     params = _params(ctx)
     chosen = list(names) or list(experiments.APPROACH_ORDER)
+    extra: dict = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise PneumoError(f"--set {item!r} is not KEY=VALUE")
+        node = extra
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
     # Create the tracking database once, before parallel experiments race to migrate it.
     tracking.configure(params.tracking)
-    done = experiments.queue_and_run(chosen, jobs=jobs, prefix=prefix)
+    done = experiments.queue_and_run(chosen, jobs=jobs, prefix=prefix, extra=extra)
     click.echo(f"finished experiments: {', '.join(done)}; next: pneumo report")
 
 
 @main.command()
 @click.argument("names", nargs=-1)
-@click.option("--no-readme", is_flag=True, help="Leave README.md's experiments block alone.")
+@click.option("--prefix", default="", help="Prefix of the experiment names.")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the Markdown here only (no reports/experiments.*, no README change).",
+)
 @click.pass_context
 @_friendly
-def report(ctx: click.Context, names: tuple[str, ...], no_readme: bool) -> None:
+def report(ctx: click.Context, names: tuple[str, ...], prefix: str, output: Path | None) -> None:
     """Tables of the finished approach experiments → reports/experiments.{json,md}, README."""
     import subprocess
 
     from pneumo import experiments
     from pneumo.compare import update_readme_block
 
-    chosen = list(names) or list(experiments.APPROACH_ORDER)
+    chosen = [f"{prefix}{n}" for n in (names or experiments.APPROACH_ORDER)]
     shown = subprocess.run(
         ["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True
     ).stdout
-    result = experiments.build_report(experiments.collect(json.loads(shown), chosen))
+    collected = experiments.collect(json.loads(shown), chosen)
+    result = experiments.build_report(
+        {name.removeprefix(prefix): content for name, content in collected.items()}
+    )
     markdown = experiments.render_report(result)
-    paths.EXPERIMENTS_JSON.write_text(json.dumps(result, indent=2) + "\n")
-    paths.EXPERIMENTS_MD.write_text(markdown)
-    if not no_readme:
+    if output is not None:
+        output.write_text(markdown)
+    else:
+        paths.EXPERIMENTS_JSON.write_text(json.dumps(result, indent=2) + "\n")
+        paths.EXPERIMENTS_MD.write_text(markdown)
         update_readme_block(paths.README, markdown, name="experiments")
     click.echo(markdown)

@@ -18,7 +18,7 @@ from pneumo.config import AugmentConfig
 
 @dataclass(frozen=True)
 class CachedSplit:
-    """One split of the cache: pixels (memory-mapped), targets and the rows' manifest."""
+    """One split of the cache: pixels (loaded whole), targets and the rows' manifest."""
 
     images: np.ndarray
     targets: np.ndarray
@@ -28,7 +28,7 @@ class CachedSplit:
     def load(cls, cache_dir: Path, split: str) -> CachedSplit:
         manifest = pd.read_csv(cache_dir / paths.PROCESSED_MANIFEST.name)
         rows = manifest[manifest.split == split].sort_values("index").reset_index(drop=True)
-        images = np.load(cache_dir / paths.processed_images(split).name, mmap_mode="r")
+        images = np.load(cache_dir / paths.processed_images(split).name)  # whole: faster rows
         if len(images) != len(rows):
             raise ValueError(f"cache for {split} is inconsistent: rerun `pneumo preprocess`")
         return cls(images=images, targets=rows.target.to_numpy(np.int64), manifest=rows)
@@ -54,17 +54,18 @@ class ArrayDataset(Dataset):
     """Yields ``(uint8 tensor (1, H, W), float target)``; transforms run on uint8 tensors."""
 
     def __init__(self, split: CachedSplit, transform: v2.Transform | None = None) -> None:
-        self.split = split
+        self.images = split.images
+        self.targets = torch.from_numpy(split.targets.astype(np.float32))
         self.transform = transform
 
     def __len__(self) -> int:
-        return len(self.split.targets)
+        return len(self.targets)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = torch.from_numpy(np.array(self.split.images[index]))[None]
+        pixels = torch.from_numpy(self.images[index][None].copy())
         if self.transform is not None:
             pixels = self.transform(pixels)
-        return pixels, torch.tensor(self.split.targets[index], dtype=torch.float32)
+        return pixels, self.targets[index]
 
 
 def train_transform(augment: AugmentConfig, *, size: int) -> v2.Transform:

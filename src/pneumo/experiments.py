@@ -81,13 +81,20 @@ def _dvc(*args: str) -> str:
 
 
 def queue_and_run(
-    names: list[str], jobs: int, prefix: str = "", poll_seconds: float = 5.0
+    names: list[str],
+    jobs: int,
+    prefix: str = "",
+    extra: dict | None = None,
+    poll_seconds: float = 5.0,
 ) -> list[str]:
-    """Queue one experiment per approach, run them ``jobs`` at a time, wait for all."""
+    """Queue one experiment per approach, run them ``jobs`` at a time, wait for all.
+
+    ``extra`` overrides apply on top of every approach (e.g. another data source).
+    """
     queued = []
     for name in names:
         exp_name = f"{prefix}{name}"
-        args = set_param_args(load_approach(name))
+        args = set_param_args(_merge(load_approach(name), extra or {}))
         _dvc("exp", "run", "--queue", "-n", exp_name, *args)
         queued.append(exp_name)
         log.info("queued %s", exp_name)
