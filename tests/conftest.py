@@ -128,3 +128,24 @@ def project_copy(tiny_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
     shutil.copytree(tiny_project, copy)
     monkeypatch.chdir(copy)
     return copy
+
+
+def copy_repository(dest: Path) -> Path:
+    """The repository's tracked files (no data, models or tracking store) as a new git repo."""
+    import shutil
+    import subprocess
+
+    files = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
+    for rel in filter(None, files):
+        source = REPO_ROOT / rel
+        if source.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / rel)
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "copy"]):
+        subprocess.run(
+            ["git", "-c", "user.name=pneumo-tests", "-c", "user.email=tests@pneumo.invalid", *args],
+            cwd=dest, check=True, capture_output=True,
+        )  # fmt: skip
+    return dest

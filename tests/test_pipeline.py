@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, copy_repository
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -36,20 +35,7 @@ def _ran_stages(output: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def repo_copy(tmp_path_factory) -> Path:
-    """The committed files only (no data, models, tracking store), as a fresh git repo."""
-    copy = tmp_path_factory.mktemp("clone") / "pneumo"
-    files = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-    ).stdout.split("\0")
-    for rel in filter(None, files):
-        source = REPO_ROOT / rel
-        if source.is_file():
-            (copy / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, copy / rel)
-    _run("git", "init", "-q", cwd=copy)
-    _run("git", "add", "-A", cwd=copy)
-    _run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy", cwd=copy)
-    return copy
+    return copy_repository(tmp_path_factory.mktemp("clone") / "pneumo")
 
 
 @pytest.fixture(scope="module")

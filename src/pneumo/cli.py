@@ -163,16 +163,9 @@ def compare(ctx: click.Context, no_register: bool, no_readme: bool) -> None:
         update_readme_block(paths.README, render_table(result))
     if no_register:
         return
-    from pneumo import registry, tracking
+    from pneumo import registry
 
-    tracking.configure(params.tracking)
-    versions = {}
-    for backbone in params.backbones:
-        model_dir = paths.model_dir(backbone)
-        metrics = json.loads((paths.eval_report_dir(backbone) / "metrics.json").read_text())
-        meta = json.loads((model_dir / "meta.json").read_text())
-        versions[backbone] = registry.register(params, backbone, model_dir, metrics, meta)
-    registry.set_alias(params.registry.model_name, registry.CHALLENGER, versions[result["best"]])
+    versions = registry.register_all(params, best=result["best"])
     click.echo(
         f"registered {params.registry.model_name} versions {versions}; "
         f"@{registry.CHALLENGER} = {result['best']} (v{versions[result['best']]})"

@@ -18,6 +18,7 @@ import pandas as pd
 
 from pneumo import paths
 from pneumo.config import Params
+from pneumo.files import write_json_atomic, write_text_atomic
 from pneumo.metrics import (
     binary_metrics,
     choose_threshold,
@@ -122,8 +123,8 @@ def compare(params: Params, backbones: list[str]) -> dict:
         "paired_tests_vs_best": tests,
     }
     _roc_png(y_test, p_test, paths.COMPARISON_ROC_PNG)
-    paths.COMPARISON_JSON.write_text(json.dumps(result, indent=2) + "\n")
-    paths.COMPARISON_MD.write_text(render_table(result))
+    write_json_atomic(paths.COMPARISON_JSON, result)
+    write_text_atomic(paths.COMPARISON_MD, render_table(result))
     log.info("ranking by %s: %s", params.compare.select_by, ranking)
     return result
 

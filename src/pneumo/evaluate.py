@@ -6,9 +6,7 @@ test split is predicted once and never looked at to pick anything.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from torchvision.transforms.v2 import functional as F
 from pneumo import tracking
 from pneumo.config import CLASS_NAMES, Params
 from pneumo.data import CachedSplit
+from pneumo.files import write_json_atomic
 from pneumo.metrics import binary_metrics, choose_threshold, metrics_with_ci
 
 log = logging.getLogger(__name__)
@@ -183,9 +182,7 @@ def evaluate(params: Params, backbone: str, cache_dir: Path, model_dir: Path, ou
     val_frame.to_csv(out_dir / "val_predictions.csv", index=False)
     png = _plots(test_frame, threshold, out_dir, f"{backbone}: test split")
     metrics_file = out_dir / "metrics.json"
-    tmp = metrics_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, metrics_file)
+    write_json_atomic(metrics_file, metrics)
 
     with tracking.resume_run(params.tracking, meta["mlflow_run_id"]) as run:
         if run is not None:

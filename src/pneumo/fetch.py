@@ -20,8 +20,6 @@ import io
 import logging
 import os
 import re
-import shutil
-import tempfile
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -36,6 +34,7 @@ from tqdm import tqdm
 
 from pneumo.config import CLASS_NAMES, DataConfig, SampleConfig
 from pneumo.errors import UserError
+from pneumo.files import staged_dir
 from pneumo.paths import SPLITS
 from pneumo.phantoms import phantom
 
@@ -235,9 +234,7 @@ def write_raw(entries: list[Entry], out_dir: Path) -> pd.DataFrame:
     clashes = [key for key, n in names.items() if n > 1]
     if clashes:
         raise FetchError(f"several source files map to the same output name: {clashes[:5]}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as staging:
         rows = []
         for entry in tqdm(entries, desc="fetch", unit="img", mininterval=2.0):
             data = entry.read()
@@ -261,12 +258,6 @@ def write_raw(entries: list[Entry], out_dir: Path) -> pd.DataFrame:
         manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
         manifest = manifest.astype({"width": "Int64", "height": "Int64"})
         manifest.to_csv(staging / "manifest.csv", index=False)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     counts = manifest.groupby(["split", "label"]).size().to_dict()
     log.info("fetched %d images: %s", len(manifest), counts)
     return manifest

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from itertools import combinations
@@ -27,6 +25,7 @@ from tqdm import tqdm
 
 from pneumo.config import CLASS_NAMES, DataConfig
 from pneumo.errors import UserError
+from pneumo.files import staged_dir
 from pneumo.images import ImageDecodeError, ResizeMethod, prepare_image
 from pneumo.paths import SPLITS
 
@@ -127,9 +126,7 @@ def preprocess(
     if any(n for counts in overlap.values() for n in counts.values()):
         raise PreprocessError(f"splits overlap after de-duplication: {overlap}")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as staging:
         rows = []
         for name in SPLITS:
             frame = splits[name].sort_values("path").reset_index(drop=True)
@@ -152,12 +149,6 @@ def preprocess(
         report = _report(cache_manifest, len(manifest), excluded, duplicates, overlap, config)
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         _sample_grid(cache_manifest, staging, staging / "samples.png", seed)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info("cache written to %s: %s", out_dir, report["counts"])
     return report
 

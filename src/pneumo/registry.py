@@ -9,6 +9,7 @@ ones to use. The deprecated registry stages are not used.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import tempfile
 from datetime import UTC, datetime
@@ -22,7 +23,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 import pneumo
-from pneumo import tracking
+from pneumo import paths, tracking
 from pneumo.config import Params
 from pneumo.errors import UserError
 from pneumo.predict import INFERENCE_FILE, InferenceConfig, Predictor
@@ -134,6 +135,20 @@ def register(params: Params, backbone: str, model_dir: Path, metrics: dict, meta
         )
     log.info("registered %s as %s version %s", backbone, params.registry.model_name, version)
     return version
+
+
+def register_all(params: Params, best: str) -> dict[str, str]:
+    """Register every backbone's evaluated model; ``@challenger`` goes to ``best``."""
+
+    tracking.configure(params.tracking)
+    versions = {}
+    for backbone in params.backbones:
+        model_dir = paths.model_dir(backbone)
+        metrics = json.loads((paths.eval_report_dir(backbone) / "metrics.json").read_text())
+        meta = json.loads((model_dir / "meta.json").read_text())
+        versions[backbone] = register(params, backbone, model_dir, metrics, meta)
+    set_alias(params.registry.model_name, CHALLENGER, versions[best])
+    return versions
 
 
 def set_alias(name: str, alias: str, version: str) -> None:

@@ -13,8 +13,6 @@ import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ from pneumo.data import (
     train_transform,
 )
 from pneumo.errors import UserError
+from pneumo.files import staged_dir, write_json_atomic, write_text_atomic
 from pneumo.losses import build_loss
 from pneumo.models import build_model, normalisation
 
@@ -256,12 +255,6 @@ def _curves_png(history: pd.DataFrame, backbone: str, path: Path) -> None:
     plt.close(fig)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def train(
     params: Params,
     backbone: str,
@@ -309,26 +302,15 @@ def train(
             "params": params.model_dump(mode="json"),
         }
 
-        model_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}-", dir=model_dir.parent))
-        try:
+        with staged_dir(model_dir) as staging:
             torch.save(result.model.cpu().state_dict(), staging / CHECKPOINT)
-            _write_json(staging / META, meta)
+            write_json_atomic(staging / META, meta)
             _curves_png(history, backbone, staging / CURVES_PNG)
             tracking.log_metrics({f"best_{k}": v for k, v in result.best.items() if k != "epoch"})
             tracking.log_artifacts([staging / CHECKPOINT, staging / META, staging / CURVES_PNG])
             tracking.log_dict(params.model_dump(mode="json"), "params.json")
-            if model_dir.exists():
-                shutil.rmtree(model_dir)
-            staging.rename(model_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    report_dir.mkdir(parents=True, exist_ok=True)
-    history_file.parent.mkdir(parents=True, exist_ok=True)
-    history.to_csv(history_file.with_suffix(".tmp"), index=False)
-    os.replace(history_file.with_suffix(".tmp"), history_file)
-    _write_json(report_dir / "metrics.json", metrics)
+    write_text_atomic(history_file, history.to_csv(index=False))
+    write_json_atomic(report_dir / "metrics.json", metrics)
     log.info(
         "%s: best epoch %d, val AUC %.4f", backbone, result.best_epoch, metrics["best_val_auc"]
     )

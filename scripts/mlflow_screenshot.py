@@ -1,0 +1,106 @@
+"""Screenshot of the MLflow UI comparing the latest training run of every backbone.
+
+Needs Debian's `chromium` (apt-get install chromium) and a `dvc repro` already run.
+
+    python scripts/mlflow_screenshot.py docs/img/mlflow-compare.png
+
+It starts `mlflow server` on a free loopback port against the project's database, opens the
+run-comparison page of the runs named in models/*/meta.json in headless Chromium and saves
+a PNG. Everything it starts, it stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(base: str, process: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2):
+                return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("mlflow server did not start") from None
+            time.sleep(0.5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("output", type=Path)
+    parser.add_argument("--db", type=Path, default=Path("mlflow.db"))
+    parser.add_argument("--size", default="1500,1100", help="Window width,height.")
+    args = parser.parse_args()
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        raise SystemExit("chromium not found: apt-get install chromium")
+    metas = [json.loads(p.read_text()) for p in sorted(Path("models").glob("*/meta.json"))]
+    if not metas or not args.db.is_file():
+        raise SystemExit("no trained models or no mlflow.db: run `dvc repro` first")
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{args.db.resolve()}")
+    run_ids = [m["mlflow_run_id"] for m in metas]
+    experiment_ids = sorted({mlflow.get_run(r).info.experiment_id for r in run_ids})
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    server = subprocess.Popen(
+        [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{args.db.resolve()}",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_healthy(base, server)
+        query = urllib.parse.urlencode(
+            {"runs": json.dumps(run_ids), "experiments": json.dumps(experiment_ids)}
+        )
+        url = f"{base}/#/compare-runs?{query}"
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as profile:
+            subprocess.run(
+                [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                 f"--window-size={args.size}", "--virtual-time-budget=20000",
+                 f"--screenshot={args.output.resolve()}", url],
+                check=True, capture_output=True, timeout=120,
+            )  # fmt: skip
+        print(f"{args.output} ← {url}")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Approaches as params overrides, the parallel DVC queue, and the report tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from pneumo.experiments import (
+    APPROACH_ORDER,
+    ExperimentError,
+    build_report,
+    collect,
+    load_approach,
+    render_report,
+    set_param_args,
+)
+from tests.conftest import REPO_ROOT, copy_repository
+
+APPROACHES = REPO_ROOT / "configs/approaches"
+
+
+def test_every_approach_is_valid_and_final_valthreshold_extends_final():
+    for name in APPROACH_ORDER:
+        args = set_param_args(load_approach(name, APPROACHES), REPO_ROOT / "params.yaml")
+        assert args[0::2] == ["-S"] * (len(args) // 2)
+    final = load_approach("final", APPROACHES)
+    ours = load_approach("final-valthreshold", APPROACHES)
+    assert ours["evaluate"]["threshold"] == "youden" and final["evaluate"]["threshold"] == 0.8
+    assert {k: v for k, v in ours.items() if k != "evaluate"} == {
+        k: v for k, v in final.items() if k != "evaluate"
+    }
+    assert load_approach("baseline", APPROACHES)["loss"] == {"name": "bce", "pos_weight": "none"}
+
+
+def test_set_param_args_quote_strings_for_dvc():
+    args = set_param_args(
+        {"evaluate": {"tta": ["identity", "rotate:-10"], "threshold": "recall>=0.9"}},
+        REPO_ROOT / "params.yaml",
+    )
+    assert args == [
+        "-S", "evaluate.tta=['identity','rotate:-10']",
+        "-S", "evaluate.threshold='recall>=0.9'",
+    ]  # fmt: skip
+
+
+def test_invalid_approach_fails_before_queueing(tmp_path):
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"loss": {"gama": 1}}))
+    with pytest.raises(Exception, match="loss.gama"):
+        set_param_args(load_approach("bad", tmp_path), REPO_ROOT / "params.yaml")
+    with pytest.raises(ExperimentError, match="known: \\['bad'\\]"):
+        load_approach("missing", tmp_path)
+
+
+def _metric(value: float) -> dict:
+    return {"value": value, "ci_low": value - 0.05, "ci_high": value + 0.05}
+
+
+def _exp_show(name: str, backbones: list[str], threshold) -> dict:
+    params = {"backbones": backbones, "evaluate": {"threshold": threshold}}
+    metrics = {
+        f"reports/eval/{b}/metrics.json": {
+            "data": {
+                "threshold": 0.5 if threshold == "youden" else threshold,
+                "n_test": 10,
+                "test": {m: _metric(0.7) for m in
+                         ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")}
+                | {"tp": 3},
+            }
+        }
+        for b in backbones
+    }  # fmt: skip
+    rev = {"name": name, "data": {"params": {"params.yaml": {"data": params}}, "metrics": metrics}}
+    return {"name": name, "revs": [rev]}
+
+
+def test_report_tables_from_exp_show():
+    shown = [
+        {"rev": "workspace", "experiments": None},
+        {
+            "rev": "abc",
+            "experiments": [
+                _exp_show("final", ["densenet121", "resnet50"], 0.8),
+                _exp_show("baseline", ["resnet50"], 0.5),
+                _exp_show("unrelated", ["resnet50"], 0.5),
+            ],
+        },
+    ]
+    report = build_report(collect(shown, ["baseline", "final"]))
+    assert [(r["approach"], r["backbone"]) for r in report["rows"]] == [
+        ("baseline", "resnet50"), ("final", "densenet121"), ("final", "resnet50"),
+    ]  # fmt: skip
+    markdown = render_report(report)
+    resnet_table = markdown.split("**Backbones")[0]
+    assert resnet_table.index("| baseline |") < resnet_table.index("| final |")
+    assert "| densenet121 (final) | 0.700 (0.650–0.750)" in markdown
+    with pytest.raises(ExperimentError, match="not found"):
+        collect(shown, ["precision"])
+
+
+def test_readme_experiments_block_equals_the_committed_report():
+    from pneumo.compare import readme_block
+
+    report = json.loads((REPO_ROOT / "reports/experiments.json").read_text())
+    assert readme_block(REPO_ROOT / "README.md", "experiments") == render_report(report)
+
+
+@pytest.mark.slow
+def test_two_queued_experiments_in_parallel_lose_no_mlflow_run(tmp_path):
+    root = copy_repository(tmp_path / "repo")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["backbones"] = ["resnet50"]
+    params["data"]["sample"] |= {
+        "train": {"normal": 20, "pneumonia": 30},
+        "test": {"normal": 10, "pneumonia": 10},
+        "image_size": 48,
+    }
+    params["data"]["image_size"] = 32
+    params["train"]["epochs"] = 1
+    params["evaluate"]["bootstrap"]["resamples"] = 50
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("DVC_ROOT", None)
+
+    def run(*args: str) -> str:
+        done = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, f"{args}:\n{done.stdout}\n{done.stderr}"
+        return done.stdout + done.stderr
+
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "tiny params")
+    run("dvc", "repro")
+    run("git", "add", "-A")
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results")
+    output = run("pneumo", "approaches", "baseline", "balanced", "-j", "2", "-S",
+                 "train.epochs=1")  # fmt: skip
+    assert "finished experiments: baseline, balanced" in output
+    logs = run("dvc", "queue", "logs", "baseline") + run("dvc", "queue", "logs", "balanced")
+    assert "database is locked" not in logs.lower()
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    for name in ("baseline", "balanced"):
+        runs = mlflow.search_runs(
+            experiment_names=["pneumo"], filter_string=f"tags.dvc_experiment = '{name}'"
+        )
+        assert list(runs["tags.mlflow.runName"]) == [f"{name}-resnet50"]
+        assert runs["metrics.test_roc_auc"].notna().all()  # evaluate logged into the same run
+    table = run("pneumo", "report", "baseline", "balanced", "--output", "tables.md")
+    assert "| baseline |" in table and "| balanced |" in table
