@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
+from tqdm import tqdm
 
 from pneumo import tracking
 from pneumo.config import CLASS_NAMES, Params, TrainConfig, flatten
@@ -103,7 +104,8 @@ def train_one_epoch(
 ) -> dict[str, float]:
     model.train()
     total, seen, start = 0.0, 0, time.perf_counter()
-    for pixels, targets in loader:
+    # disable=None: a progress bar on terminals, silence in CI logs and DVC queue logs.
+    for pixels, targets in tqdm(loader, desc="train", unit="batch", leave=False, disable=None):
         pixels, targets = precision.to_input(pixels, device), targets.to(device)
         with precision.autocast(device):
             loss = loss_fn(model(pixels).float(), targets)
