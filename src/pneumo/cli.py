@@ -272,7 +272,10 @@ def report(ctx: click.Context, names: tuple[str, ...], prefix: str, output: Path
 
     chosen = [f"{prefix}{n}" for n in (names or experiments.APPROACH_ORDER)]
     shown = subprocess.run(
-        ["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True
+        ["dvc", "exp", "show", "--json", "--all-commits"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     collected = experiments.collect(json.loads(shown), chosen)
     result = experiments.build_report(
