@@ -155,7 +155,7 @@ def collect(exp_show: list[dict], names: list[str]) -> dict[str, dict]:
         raise ExperimentError(
             f"experiments {missing} not found in `dvc exp show`; run `pneumo approaches` first"
         )
-    return found
+    return {name: found[name] for name in names}
 
 
 def build_report(collected: dict[str, dict]) -> dict:
