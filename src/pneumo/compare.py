@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from pneumo import paths
-from pneumo.config import Params
+from pneumo.config import Params, selected_metric
 from pneumo.files import write_json_atomic, write_text_atomic
 from pneumo.metrics import (
     binary_metrics,
@@ -88,7 +88,7 @@ def compare(params: Params, backbones: list[str]) -> dict:
         }
         p_test[ENSEMBLE] = ens_test
 
-    select = params.compare.select_by.removeprefix("val_").replace("auc", "roc_auc")
+    select = params.compare.metric
     ranking = sorted(rows, key=lambda name: -rows[name]["val"][select])
     best = next(name for name in ranking if name != ENSEMBLE)
     tests = {}
@@ -151,7 +151,7 @@ def render_table(result: dict) -> str:
         f"| model | {header} | threshold | {result['select_by']} | TTA Δacc |",
         "|---" * (len(TABLE_METRICS) + 4) + "|",
     ]
-    select = result["select_by"].removeprefix("val_").replace("auc", "roc_auc")
+    select = selected_metric(result["select_by"])
     for name in result["ranking"]:
         row = result["rows"][name]
         gain = row["tta_gain_accuracy"]

@@ -171,6 +171,15 @@ class CompareConfig(Section):
         "val_auc"
     )
 
+    @property
+    def metric(self) -> str:
+        """The key of ``select_by`` in the metrics dicts (``val_auc`` → ``roc_auc``)."""
+        return selected_metric(self.select_by)
+
+
+def selected_metric(select_by: str) -> str:
+    return select_by.removeprefix("val_").replace("auc", "roc_auc")
+
 
 class RegistryConfig(Section):
     model_name: str = "pneumo-classifier"

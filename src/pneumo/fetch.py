@@ -35,12 +35,12 @@ from tqdm import tqdm
 from pneumo.config import CLASS_NAMES, DataConfig, SampleConfig
 from pneumo.errors import UserError
 from pneumo.files import staged_dir
+from pneumo.images import IMAGE_SUFFIXES
 from pneumo.paths import SPLITS
 from pneumo.phantoms import phantom
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"}
 IGNORED_NAMES = {".DS_Store", "Thumbs.db"}
 MANIFEST_COLUMNS = ["path", "split", "label", "patient", "sha256", "width", "height", "mode"]
 

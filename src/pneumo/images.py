@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 ResizeMethod = Literal["pad", "crop"]
+IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"})
 
 
 class ImageDecodeError(ValueError):

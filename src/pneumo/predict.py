@@ -14,7 +14,7 @@ import numpy as np
 
 from pneumo import paths
 from pneumo.config import CLASS_NAMES
-from pneumo.images import ImageDecodeError, prepare_image
+from pneumo.images import IMAGE_SUFFIXES, ImageDecodeError, prepare_image
 
 INFERENCE_FILE = "inference.json"
 
@@ -89,9 +89,6 @@ class Predictor:
     def decide(self, probability: float) -> dict:
         positive = probability >= self.inference.threshold
         return {"probability": probability, "label": CLASS_NAMES[int(positive)]}
-
-
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"}
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:

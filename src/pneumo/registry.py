@@ -92,7 +92,7 @@ def register(params: Params, backbone: str, model_dir: Path, metrics: dict, meta
     inference = InferenceConfig(
         meta["image_size"], meta["resize"], metrics["tta_views"], metrics["threshold"]
     )
-    select = params.compare.select_by.removeprefix("val_").replace("auc", "roc_auc")
+    select = params.compare.metric
     tags = {
         "backbone": backbone,
         "git_commit": tracking.context_tags("compare", meta["data_hash"])["git_commit"],
