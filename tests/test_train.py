@@ -104,11 +104,13 @@ def test_mixed_precision_and_channels_last_path_runs_on_cpu(tiny_project):
     )
 
 
-def test_cpu_runs_in_full_precision():
+def test_cpu_runs_in_full_precision_and_cuda_in_the_chosen_one():
     cpu = Precision.for_device(torch.device("cpu"), _tiny_params().train)
     assert cpu == Precision(amp_dtype=None, channels_last=False)
-    cuda = Precision.for_device(torch.device("cuda"), _tiny_params().train)
-    assert cuda == Precision(amp_dtype=torch.float16, channels_last=True)
+    for amp, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("off", None)):
+        cuda = Precision.for_device(torch.device("cuda"), _tiny_params(amp=amp).train)
+        assert cuda == Precision(amp_dtype=dtype, channels_last=True)
+        assert (cuda.amp_dtype == torch.float16) == isinstance(cuda.grad_scaler(), torch.amp.GradScaler)
 
 
 def test_interrupted_training_leaves_the_previous_checkpoint_untouched(project_copy, monkeypatch):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -113,10 +115,20 @@ def check(ctx: click.Context) -> None:
 @click.pass_context
 @_friendly
 def train(ctx: click.Context, backbone: str) -> None:
-    """Train BACKBONE on the cache; writes models/BACKBONE and its reports."""
+    """Train BACKBONE on the cache; writes models/BACKBONE and its reports.
+
+    With train.nproc > 1 it starts itself under torchrun, one process per GPU (or CPU share).
+    """
     params = _params(ctx)
     if backbone not in params.backbones:
         raise PneumoError(f"{backbone!r} is not in params.yaml backbones {params.backbones}")
+    if params.train.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        launch = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={params.train.nproc}", "-m", "pneumo",
+            "--params", str(ctx.obj["params"]), "train", backbone,
+        ]  # fmt: skip
+        ctx.exit(subprocess.run(launch).returncode)
     from pneumo.train import train as run_train
 
     run_train(

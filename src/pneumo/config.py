@@ -43,6 +43,7 @@ Backbone = Literal[
     "efficientnet-b7",
 ]
 TTA_VIEW = re.compile(r"^(identity|hflip|rotate:[+-]?\d+(\.\d+)?|scale:\d+(\.\d+)?)$")
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 THRESHOLD_RULE = re.compile(r"^(youden|recall>=(0(\.\d+)?|1(\.0+)?))$")
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -117,6 +118,12 @@ class AugmentConfig(Section):
 
 
 class TrainConfig(Section):
+    """How one backbone is fitted; the device settings below change speed, not the recipe.
+
+    ``batch_size`` is the global batch: under ``nproc`` processes each takes an equal share,
+    so a run gives comparable results whatever the number of processes.
+    """
+
     epochs: PositiveInt = 3
     batch_size: PositiveInt = 32
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3
@@ -124,10 +131,33 @@ class TrainConfig(Section):
     scheduler: Literal["cosine", "plateau", "none"] = "cosine"
     patience: PositiveInt = 3
     weighted_sampler: bool = True
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = True
+    device: str = "auto"
+    amp: Literal["fp16", "bf16", "off"] = "fp16"
     channels_last: bool = True
-    num_workers: Annotated[int, Field(ge=0)] = 0
+    compile: bool = False
+    deterministic: bool = True
+    num_workers: Literal["auto"] | Annotated[int, Field(ge=0)] = "auto"
+    resume: bool = True
+    nproc: PositiveInt = 1
+    sync_batchnorm: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not DEVICE.match(value):
+            raise ValueError(f"unknown device {value!r}; allowed: auto, cpu, cuda, cuda:<N>, mps")
+        return value
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainConfig:
+        if self.batch_size % self.nproc:
+            raise ValueError(
+                f"train.batch_size {self.batch_size} is the global batch: it must be a multiple "
+                f"of train.nproc {self.nproc}"
+            )
+        if self.nproc > 1 and re.fullmatch(r"cuda:\d+", self.device):
+            raise ValueError("train.nproc > 1 gives each process its own GPU: use device cuda")
+        return self
 
 
 class BootstrapConfig(Section):

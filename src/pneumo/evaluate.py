@@ -17,7 +17,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from pneumo import tracking
-from pneumo.config import CLASS_NAMES, Params
+from pneumo.config import CLASS_NAMES, EvaluateConfig, Params
 from pneumo.data import CachedSplit
 from pneumo.files import write_json_atomic
 from pneumo.metrics import binary_metrics, choose_threshold, metrics_with_ci
@@ -124,15 +124,14 @@ def _plots(test: pd.DataFrame, threshold: float, out_dir: Path, title: str) -> P
     return png
 
 
-def evaluate(params: Params, backbone: str, cache_dir: Path, model_dir: Path, out_dir: Path):
-    """Predict val and test with TTA, choose the threshold on val, write metrics and plots."""
-    from pneumo.train import load_checkpoint, resolve_device
-
-    cfg = params.evaluate
-    device = resolve_device(params.train.device)
-    model, meta = load_checkpoint(model_dir)
-    model.to(device)
-    splits = {name: CachedSplit.load(cache_dir, name) for name in ("val", "test")}
+def assess(
+    model: torch.nn.Module,
+    splits: dict[str, CachedSplit],
+    cfg: EvaluateConfig,
+    device: torch.device,
+) -> tuple[dict, dict[str, np.ndarray], float]:
+    """Metrics of a model on ``splits["test"]`` with TTA and a threshold chosen on
+    ``splits["val"]``; also returns each split's per-view probabilities and the threshold."""
     per_view = {
         name: tta_probabilities(
             model, split.images, cfg.tta, batch_size=cfg.batch_size, device=device
@@ -158,22 +157,34 @@ def evaluate(params: Params, backbone: str, cache_dir: Path, model_dir: Path, ou
     test_metrics = metrics_with_ci(
         y_test, p_test, threshold, resamples=boot.resamples, seed=boot.seed
     )
-    val_metrics = binary_metrics(y_val, p_val, threshold)
     metrics = {
-        "backbone": backbone,
         "threshold": threshold,
         "threshold_rule": str(cfg.threshold),
         "tta_views": list(cfg.tta),
         "test": test_metrics,
         "test_no_tta": no_tta | {"threshold": threshold_plain},
-        "val": val_metrics,
+        "val": binary_metrics(y_val, p_val, threshold),
         "tta_gain": {
             m: test_metrics[m]["value"] - no_tta[m] for m in ("accuracy", "roc_auc", "f1")
         },
         "n_test": int(len(y_test)),
         "n_val": int(len(y_val)),
-        "data_hash": meta["data_hash"],
     }
+    return metrics, per_view, threshold
+
+
+def evaluate(params: Params, backbone: str, cache_dir: Path, model_dir: Path, out_dir: Path):
+    """Predict val and test with TTA, choose the threshold on val, write metrics and plots."""
+    from pneumo.train import load_checkpoint, resolve_device
+
+    cfg = params.evaluate
+    device = resolve_device(params.train.device)
+    model, meta = load_checkpoint(model_dir)
+    model.to(device)
+    splits = {name: CachedSplit.load(cache_dir, name) for name in ("val", "test")}
+    assessed, per_view, threshold = assess(model, splits, cfg, device)
+    metrics = {"backbone": backbone, **assessed, "data_hash": meta["data_hash"]}
+    test_metrics, val_metrics, no_tta = metrics["test"], metrics["val"], metrics["test_no_tta"]
 
     out_dir.mkdir(parents=True, exist_ok=True)
     test_frame = predictions_frame(splits["test"], cfg.tta, per_view["test"], threshold)

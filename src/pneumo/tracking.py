@@ -136,6 +136,24 @@ def resume_run(config: TrackingConfig, run_id: str) -> Iterator[mlflow.ActiveRun
         yield run
 
 
+def close_run(config: TrackingConfig, run_id: str, *, status: str) -> None:
+    """End a run that a killed process left RUNNING; other runs are left as they are."""
+    import mlflow
+
+    configure(config)
+    client = mlflow.MlflowClient()
+    try:
+        run = with_retries(lambda: client.get_run(run_id))
+    except mlflow.exceptions.MlflowException:
+        log.warning(
+            "MLflow run %s is not in %s: nothing to close", run_id, mlflow.get_tracking_uri()
+        )
+        return
+    if run.info.status == "RUNNING":
+        with_retries(lambda: client.set_terminated(run_id, status))
+        log.info("marked the interrupted MLflow run %s as %s", run_id, status)
+
+
 def log_params(params: dict[str, Any]) -> None:
     import mlflow
 

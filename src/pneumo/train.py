@@ -2,7 +2,9 @@
 
 Reading order: ``train_one_epoch`` → ``evaluate`` → ``fit`` → ``train`` (the stage: tracking
 and outputs). Outputs are staged in a temporary folder and moved into place at the very end,
-so an interrupted run never leaves a checkpoint that looks complete.
+so an interrupted run never leaves a checkpoint that looks complete; the state needed to
+continue it is kept after every epoch (pneumo.resume). Under ``torchrun`` every process runs
+``fit`` on its share of each batch and only the main one writes files and logs to MLflow.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,16 +27,19 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
-from pneumo import tracking
+from pneumo import distributed, resume, tracking
 from pneumo.config import CLASS_NAMES, Params, TrainConfig, flatten
 from pneumo.data import (
     ArrayDataset,
+    BatchAugmentation,
     CachedSplit,
-    balanced_sampler,
+    batch_augmentation,
     cache_fingerprint,
     make_loader,
-    train_transform,
+    resolve_num_workers,
+    train_sampler,
 )
+from pneumo.distributed import SINGLE, World
 from pneumo.errors import UserError
 from pneumo.files import staged_dir, write_json_atomic, write_text_atomic
 from pneumo.losses import build_loss
@@ -44,6 +50,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "model.pt"
 META = "meta.json"
 CURVES_PNG = "curves.png"
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auc", "lr"]
 
 
 class TrainingDivergedError(UserError):
@@ -51,20 +58,44 @@ class TrainingDivergedError(UserError):
 
 
 def set_seed(seed: int) -> None:
-    """Seed every generator and ask for deterministic kernels (CPU runs repeat exactly)."""
+    """Seed every generator: Python's, NumPy's and torch's (all devices)."""
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device is 'cuda' but no CUDA device is visible; use auto or cpu")
+def use_deterministic_kernels(deterministic: bool) -> None:
+    """Deterministic kernels make CPU runs repeat exactly; on a GPU they cost speed, and
+    ``train.deterministic: false`` lets cuDNN pick the fastest convolution algorithms."""
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def seed_epoch(seed: int, epoch: int, world: World = SINGLE) -> None:
+    """Each epoch's random streams (augmentation, dropout) follow from (seed, epoch, rank)
+    alone, so a run resumed at epoch k + 1 draws exactly what an uninterrupted run draws."""
+    set_seed(seed * 1_000_003 + epoch * 1_009 + world.rank)
+
+
+def resolve_device(choice: str, world: World = SINGLE) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps``; under torchrun, cuda is per process."""
+    if choice.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"train.device is {choice!r} but no CUDA device is visible")
+        index = int(choice.partition(":")[2] or world.local_rank)
+        if index >= torch.cuda.device_count():
+            raise UserError(
+                f"train.device {choice!r}: only {torch.cuda.device_count()} CUDA device(s) visible"
+            )
+        return torch.device("cuda", index)
+    if choice == "mps" and not torch.backends.mps.is_available():
+        raise UserError("train.device is 'mps' but this torch build or machine has no MPS")
     if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", world.local_rank)
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     return torch.device(choice)
 
 
@@ -77,9 +108,11 @@ class Precision:
 
     @classmethod
     def for_device(cls, device: torch.device, config: TrainConfig) -> Precision:
+        """Mixed precision and channels_last apply on CUDA; other devices run fp32."""
         if device.type != "cuda":
             return cls()
-        return cls(torch.float16 if config.amp else None, config.channels_last)
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}[config.amp]
+        return cls(dtype, config.channels_last)
 
     def to_input(self, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
         pixels = pixels.to(device, non_blocking=True)
@@ -92,6 +125,10 @@ class Precision:
             device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
         )
 
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """float16 gradients underflow without loss scaling; bfloat16 has float32's range."""
+        return torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+
 
 def train_one_epoch(
     model: nn.Module,
@@ -101,18 +138,29 @@ def train_one_epoch(
     device: torch.device,
     precision: Precision = Precision(),
     scaler: torch.amp.GradScaler | None = None,
+    augment: BatchAugmentation | None = None,
+    world: World = SINGLE,
 ) -> dict[str, float]:
+    """One pass over the loader; the loss is summed on the device and read once per epoch.
+
+    ``data_wait_fraction`` is the share of the epoch spent waiting for the loader's next batch.
+    """
     model.train()
-    total, seen, start = 0.0, 0, time.perf_counter()
-    # disable=None: a progress bar on terminals, silence in CI logs and DVC queue logs.
-    for pixels, targets in tqdm(loader, desc="train", unit="batch", leave=False, disable=None):
-        pixels, targets = precision.to_input(pixels, device), targets.to(device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    seen, waited, start = 0, 0.0, time.perf_counter()
+    batches = iter(tqdm(loader, desc="train", unit="batch", leave=False, disable=None))
+    while True:
+        asked = time.perf_counter()
+        batch = next(batches, None)
+        waited += time.perf_counter() - asked
+        if batch is None:
+            break
+        pixels, targets = batch
+        pixels, targets = precision.to_input(pixels, device), targets.to(device, non_blocking=True)
+        if augment is not None:
+            pixels = augment(pixels)
         with precision.autocast(device):
             loss = loss_fn(model(pixels).float(), targets)
-        if not torch.isfinite(loss):
-            raise TrainingDivergedError(
-                f"training loss became {loss.item()} after {seen} images: lower train.lr"
-            )
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -121,27 +169,36 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
-        total += loss.item() * len(targets)
+        total += loss.detach() * len(targets)
         seen += len(targets)
+    loss_sum, images = distributed.sum_across(world, total.item(), seen, device=device)
+    if not math.isfinite(loss_sum):
+        raise TrainingDivergedError(
+            f"training loss became {loss_sum} during this epoch: lower train.lr"
+        )
     elapsed = time.perf_counter() - start
-    return {"train_loss": total / seen, "images_per_second": seen / elapsed}
+    return {
+        "train_loss": loss_sum / images,
+        "images_per_second": images / elapsed,
+        "data_wait_fraction": waited / elapsed,
+    }
 
 
 @torch.inference_mode()
-def predict_proba(
+def predict_logits(
     model: nn.Module,
     loader: torch.utils.data.DataLoader,
     device: torch.device,
     precision: Precision = Precision(),
-) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and targets of a whole loader, in loader order."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets of a whole loader, in loader order, on the device."""
     model.eval()
     logits, targets = [], []
     for pixels, target in loader:
         with precision.autocast(device):
-            logits.append(model(precision.to_input(pixels, device)).float().cpu())
-        targets.append(target)
-    return torch.cat(logits).numpy(), torch.cat(targets).numpy()
+            logits.append(model(precision.to_input(pixels, device)).float())
+        targets.append(target.to(device))
+    return torch.cat(logits), torch.cat(targets)
 
 
 def evaluate(
@@ -150,9 +207,15 @@ def evaluate(
     loss_fn: nn.Module,
     device: torch.device,
     precision: Precision = Precision(),
+    world: World = SINGLE,
 ) -> dict[str, float]:
-    logits, targets = predict_proba(model, loader, device, precision)
-    loss = loss_fn(torch.from_numpy(logits), torch.from_numpy(targets)).item()
+    """Validation loss and AUC; under torchrun each process predicts a shard and the shards
+    are gathered, so every process computes the same numbers on the whole split."""
+    logits, targets = predict_logits(model, loader, device, precision)
+    logits = distributed.gather_rows(world, logits)
+    targets = distributed.gather_rows(world, targets)
+    loss = loss_fn(logits, targets).item()
+    logits, targets = logits.cpu().numpy(), targets.cpu().numpy()
     auc = roc_auc_score(targets, logits) if len(set(targets)) == 2 else float("nan")
     return {"val_loss": loss, "val_auc": float(auc)}
 
@@ -170,58 +233,119 @@ class FitResult:
     model: nn.Module
     best_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from_epoch: int = 0
 
     @property
     def best(self) -> dict[str, float]:
         return self.history[self.best_epoch - 1]
 
 
-def fit(params: Params, backbone: str, cache_dir: Path, device: torch.device) -> FitResult:
-    """Train with early stopping on validation loss; returns the model at its best epoch."""
+def _val_shard(split: CachedSplit, world: World) -> torch.utils.data.Dataset:
+    dataset = ArrayDataset(split)
+    if not world.distributed:
+        return dataset
+    return torch.utils.data.Subset(dataset, range(world.rank, len(dataset), world.size))
+
+
+def fit(
+    params: Params,
+    backbone: str,
+    cache_dir: Path,
+    device: torch.device,
+    *,
+    world: World = SINGLE,
+    state_path: Path | None = None,
+    run_id: str = "",
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train with early stopping on validation loss; returns the model at its best epoch.
+
+    With ``state_path``, the state after every epoch is saved there and an existing state is
+    resumed from; ``on_epoch`` receives each epoch's statistics (restored epochs included).
+    """
     cfg = params.train
     set_seed(params.seed)
+    use_deterministic_kernels(cfg.deterministic)
     train_split = CachedSplit.load(cache_dir, "train")
     val_split = CachedSplit.load(cache_dir, "val")
     size = train_split.images.shape[-1]
+    workers = resolve_num_workers(cfg.num_workers, device, world.size)
     pin = device.type == "cuda"
-    sampler = balanced_sampler(train_split.targets, params.seed) if cfg.weighted_sampler else None
+    sampler = train_sampler(
+        train_split.targets, params.seed, balanced=cfg.weighted_sampler,
+        rank=world.rank, world=world.size,
+    )  # fmt: skip
     train_loader = make_loader(
-        ArrayDataset(train_split, train_transform(params.augment, size=size)),
-        batch_size=cfg.batch_size, shuffle=True, sampler=sampler, seed=params.seed,
-        num_workers=cfg.num_workers, pin_memory=pin,
+        ArrayDataset(train_split), batch_size=cfg.batch_size // world.size, sampler=sampler,
+        num_workers=workers, pin_memory=pin,
     )  # fmt: skip
     val_loader = make_loader(
-        ArrayDataset(val_split), batch_size=params.evaluate.batch_size,
-        num_workers=cfg.num_workers, pin_memory=pin,
+        _val_shard(val_split, world), batch_size=params.evaluate.batch_size,
+        num_workers=workers, pin_memory=pin,
     )  # fmt: skip
 
-    model = build_model(
+    net = build_model(
         backbone,
         pretrained=params.model.pretrained,
         dropout=params.model.dropout,
         hidden_size=params.model.hidden_size,
     )
+    if cfg.sync_batchnorm and world.distributed:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     precision = Precision.for_device(device, cfg)
-    model = model.to(device)
+    net = net.to(device)
     if precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        net = net.to(memory_format=torch.channels_last)
+    augment = batch_augmentation(params.augment, size=size).to(device)
     loss_fn = build_loss(params.loss, *train_split.class_counts()).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = _scheduler(optimizer, cfg)
-    scaler = torch.amp.GradScaler("cuda") if precision.amp_dtype == torch.float16 else None
+    scaler = precision.grad_scaler()
 
-    result = FitResult(model=model, best_epoch=0)
+    result = FitResult(model=net, best_epoch=0)
     best_state, best_loss, stale = None, math.inf, 0
-    for epoch in range(1, cfg.epochs + 1):
+    saved = resume.load(state_path) if state_path is not None and cfg.resume else None
+    if saved is not None:
+        net.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        if scaler is not None:
+            scaler.load_state_dict(saved["scaler"])
+        best_state, best_loss, stale = saved["best_state"], saved["best_loss"], saved["stale"]
+        result.best_epoch, result.history = saved["best_epoch"], saved["history"]
+        result.resumed_from_epoch = saved["epoch"]
+        log.info("%s: resuming after epoch %d", backbone, saved["epoch"])
+        for stats in result.history:
+            if on_epoch is not None:
+                on_epoch(stats)
+
+    model: nn.Module = net
+    if world.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.compile:
+        model = torch.compile(model)
+
+    stop = saved is not None and saved["stopped"]
+    for epoch in range(result.resumed_from_epoch + 1, cfg.epochs + 1):
+        if stop:
+            break
+        seed_epoch(params.seed, epoch, world)
+        sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
-        stats = train_one_epoch(model, train_loader, loss_fn, optimizer, device, precision, scaler)
-        stats |= evaluate(model, val_loader, loss_fn, device, precision)
+        stats = train_one_epoch(
+            model, train_loader, loss_fn, optimizer, device, precision, scaler, augment, world
+        )
+        stats |= evaluate(model, val_loader, loss_fn, device, precision, world)
         stats |= {"epoch": epoch, "lr": lr}
         result.history.append(stats)
         log.info(
-            "%s epoch %d/%d train_loss %.4f val_loss %.4f val_auc %.4f (%.0f img/s)",
+            "%s epoch %d/%d train_loss %.4f val_loss %.4f val_auc %.4f (%.0f img/s, "
+            "%.0f%% waiting for data)",
             backbone, epoch, cfg.epochs, stats["train_loss"], stats["val_loss"],
-            stats["val_auc"], stats["images_per_second"],
+            stats["val_auc"], stats["images_per_second"], 100 * stats["data_wait_fraction"],
         )  # fmt: skip
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(stats["val_loss"])
@@ -229,13 +353,24 @@ def fit(params: Params, backbone: str, cache_dir: Path, device: torch.device) ->
             scheduler.step()
         if stats["val_loss"] < best_loss:
             best_loss, stale, result.best_epoch = stats["val_loss"], 0, epoch
-            best_state = copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})
+            best_state = copy.deepcopy({k: v.cpu() for k, v in net.state_dict().items()})
         else:
             stale += 1
-            if stale >= cfg.patience:
-                log.info("early stop: val loss has not improved for %d epochs", stale)
-                break
-    model.load_state_dict(best_state)
+        stop = distributed.agree(world, stale >= cfg.patience, device)
+        if stop:
+            log.info("early stop: val loss has not improved for %d epochs", stale)
+        if on_epoch is not None:
+            on_epoch(stats)
+        if state_path is not None and world.is_main:
+            resume.save(state_path, {
+                "epoch": epoch, "stopped": stop, "run_id": run_id,
+                "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "best_state": best_state, "best_loss": best_loss, "stale": stale,
+                "best_epoch": result.best_epoch, "history": result.history,
+            })  # fmt: skip
+    net.load_state_dict(best_state)
     return result
 
 
@@ -265,30 +400,71 @@ def train(
     report_dir: Path,
     history_file: Path,
 ) -> dict[str, float]:
-    """The stage: fit, log the run to MLflow, write checkpoint, meta, metrics and history."""
-    device = resolve_device(params.train.device)
-    data_hash = cache_fingerprint(cache_dir)
+    """The stage: fit, log the run to MLflow, write checkpoint, meta, metrics and history.
+
+    Every process of a torchrun launch calls this; only the main one tracks and writes.
+    """
+    world = distributed.from_environment()
+    device = resolve_device(params.train.device, world)
+    distributed.init(world, device)
+    try:
+        data_hash = cache_fingerprint(cache_dir)
+        state_path = resume.state_file(
+            tracking.repo_root(), backbone, resume.run_key(params, backbone, data_hash)
+        )
+        if not world.is_main:
+            fit(params, backbone, cache_dir, device, world=world, state_path=state_path)
+            return {}
+        return _tracked_training(
+            params, backbone, cache_dir, device, world, data_hash, state_path,
+            outputs=(model_dir, report_dir, history_file),
+        )  # fmt: skip
+    finally:
+        distributed.shutdown(world)
+
+
+def _tracked_training(
+    params: Params,
+    backbone: str,
+    cache_dir: Path,
+    device: torch.device,
+    world: World,
+    data_hash: str,
+    state_path: Path,
+    *,
+    outputs: tuple[Path, Path, Path],
+) -> dict[str, float]:
+    model_dir, report_dir, history_file = outputs
+    resume.discard_others(state_path)
+    saved = resume.load(state_path) if params.train.resume else None
     run_name = f"{tracking.experiment_name()}-{backbone}"
     tags = tracking.context_tags(f"train@{backbone}", data_hash) | {"backbone": backbone}
+    if saved is not None:
+        # The interrupted attempt's run never ended (SIGKILL): close it, point to it.
+        tracking.close_run(params.tracking, saved["run_id"], status="KILLED")
+        tags |= {"resumed_from_epoch": str(saved["epoch"]), "resumed_from_run": saved["run_id"]}
     with tracking.start_run(params.tracking, run_name=run_name, tags=tags) as run:
-        tracking.log_params(flatten(params) | {"backbone": backbone, "device": str(device)})
+        tracking.log_params(
+            flatten(params)
+            | {"backbone": backbone, "device": str(device), "world_size": world.size}
+        )
         started = time.perf_counter()
-        result = fit(params, backbone, cache_dir, device)
-        seconds = time.perf_counter() - started
-        for stats in result.history:
-            tracking.log_metrics(
+        result = fit(
+            params, backbone, cache_dir, device, world=world, state_path=state_path,
+            run_id=run.info.run_id,
+            on_epoch=lambda stats: tracking.log_metrics(
                 {k: v for k, v in stats.items() if k != "epoch"}, step=int(stats["epoch"])
-            )
-        history = pd.DataFrame(result.history)[
-            ["epoch", "train_loss", "val_loss", "val_auc", "lr", "images_per_second"]
-        ]
+            ),
+        )  # fmt: skip
+        seconds = time.perf_counter() - started
+        # Measured speed goes to MLflow only: committed, DVC-tracked files stay deterministic.
+        tracking.log_metrics({"train_seconds": seconds})
+        history = pd.DataFrame(result.history)[HISTORY_COLUMNS]
         metrics = {
             "best_epoch": result.best_epoch,
             "epochs_run": len(result.history),
             "best_val_loss": result.best["val_loss"],
             "best_val_auc": result.best["val_auc"],
-            "train_seconds": round(seconds, 2),
-            "images_per_second": float(history.images_per_second.mean()),
         }
         meta = {
             "backbone": backbone,
@@ -313,6 +489,7 @@ def train(
             tracking.log_dict(params.model_dump(mode="json"), "params.json")
     write_text_atomic(history_file, history.to_csv(index=False))
     write_json_atomic(report_dir / "metrics.json", metrics)
+    state_path.unlink(missing_ok=True)  # finished: nothing left to resume
     log.info(
         "%s: best epoch %d, val AUC %.4f", backbone, result.best_epoch, metrics["best_val_auc"]
     )
