@@ -110,7 +110,8 @@ def test_cpu_runs_in_full_precision_and_cuda_in_the_chosen_one():
     for amp, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("off", None)):
         cuda = Precision.for_device(torch.device("cuda"), _tiny_params(amp=amp).train)
         assert cuda == Precision(amp_dtype=dtype, channels_last=True)
-        assert (cuda.amp_dtype == torch.float16) == isinstance(cuda.grad_scaler(), torch.amp.GradScaler)
+        scaled = isinstance(cuda.grad_scaler(), torch.amp.GradScaler)
+        assert (cuda.amp_dtype == torch.float16) == scaled
 
 
 def test_interrupted_training_leaves_the_previous_checkpoint_untouched(project_copy, monkeypatch):
