@@ -23,7 +23,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 from tqdm import tqdm
 
-from pneumo.config import CLASS_NAMES, DataConfig
+from pneumo.config import CLASS_NAMES, DataConfig, val_folds
 from pneumo.errors import UserError
 from pneumo.files import staged_dir
 from pneumo.images import ImageDecodeError, ResizeMethod, prepare_image
@@ -83,7 +83,7 @@ def split_by_patient(
     pool: pd.DataFrame, val_fraction: float, seed: int
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Patient-grouped, label-stratified train/val split of the pooled rows."""
-    n_splits = max(2, round(1.0 / val_fraction))
+    n_splits = val_folds(val_fraction)
     if pool.patient.nunique() < n_splits:
         raise PreprocessError(
             f"only {pool.patient.nunique()} patients in train+val: too few for "
