@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 
@@ -14,7 +15,7 @@ from pneumo.config import DataConfig
 from pneumo.fetch import fetch
 from pneumo.images import ImageDecodeError, decode_grayscale, fit_square
 from pneumo.preprocess import PreprocessError, deduplicate, preprocess, split_by_patient
-from tests.conftest import jpeg_bytes, kaggle_files, write_tree
+from tests.conftest import jpeg_bytes, kaggle_files, run_cli, write_tree
 
 
 def _encode(image: Image.Image, fmt: str) -> bytes:
@@ -186,3 +187,33 @@ def test_too_many_bad_files_fail_and_write_nothing(tmp_path):
             workers=1,
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw", "src"]
+
+
+def _tree_digests(folder) -> dict[str, str]:
+    return {
+        path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_fetch_and_preprocess_twice_give_byte_identical_outputs(in_tmp):
+    """Nothing in data/processed may depend on the run: no addresses, times or orderings."""
+    corrupt = {
+        "chest_xray/train/NORMAL/IM-9001-0001.jpeg": b"<html>rate limited</html>",
+        "chest_xray/train/PNEUMONIA/person9002_virus_1.jpeg": jpeg_bytes(9)[:200],
+    }
+    source = write_tree(in_tmp / "src", kaggle_files(patients=30) | corrupt)
+    params = {
+        "data": {"source": "local", "local_path": str(source), "max_bad_fraction": 0.05},
+    }
+    digests = []
+    for _ in range(2):
+        for command in (("fetch",), ("preprocess", "--workers", "1")):
+            result = run_cli(*command, params=params)
+            assert result.exit_code == 0, result.output
+        digests.append(_tree_digests(in_tmp / "data/processed"))
+    report = json.loads((in_tmp / "data/processed/report.json").read_text())
+    assert len(report["excluded"]) == 2
+    assert "report.json" in digests[0] and "train_images.npy" in digests[0]
+    assert digests[0] == digests[1]
