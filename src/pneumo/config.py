@@ -95,6 +95,18 @@ class SampleConfig(Section):
     max_images_per_patient: Annotated[Int, Field(ge=1, le=10)] = 3
 
 
+class ZipLimits(Section):
+    """Bounds on a ``.zip`` source, so a damaged or hostile archive cannot fill disk or memory.
+
+    The defaults accept the Kaggle archive (about 1.2 GB holding 5,856 JPEGs twice, as a
+    nested copy, plus macOS debris).
+    """
+
+    max_entry_mb: Annotated[Real, Field(gt=0.0)] = 64.0
+    max_total_mb: Annotated[Real, Field(gt=0.0)] = 10_000.0
+    max_compression_ratio: Annotated[Real, Field(ge=1.0)] = 100.0
+
+
 class DataConfig(Section):
     source: Literal["sample", "kaggle", "local"] = "sample"
     kaggle_dataset: Annotated[str, Field(pattern=r"^[\w.-]+/[\w.-]+$")] = (
@@ -106,6 +118,8 @@ class DataConfig(Section):
     resize: Literal["pad", "crop"] = "pad"
     val_fraction: Annotated[Real, Field(gt=0.0, lt=0.5)] = 0.15
     max_bad_fraction: Fraction = 0.01
+    min_image_side: Annotated[Int, Field(ge=1)] = 64
+    limits: ZipLimits = ZipLimits()
 
     @model_validator(mode="after")
     def _local_needs_path(self) -> DataConfig:
@@ -115,9 +129,15 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _sample_fills_the_split(self) -> DataConfig:
-        """Preprocess needs ``val_folds`` patients of each class in the pooled train+val."""
+        """Preprocess must keep the generated images and find ``val_folds`` patients of each
+        class in the pooled train+val."""
         if self.source != "sample":
             return self
+        if self.sample.image_size < self.min_image_side:
+            raise ValueError(
+                f"data.sample.image_size={self.sample.image_size} is below "
+                f"data.min_image_side={self.min_image_side}: preprocess would exclude every image"
+            )
         folds, per_patient = val_folds(self.val_fraction), self.sample.max_images_per_patient
         for label in ("normal", "pneumonia"):
             counts = (getattr(self.sample.train, label), getattr(self.sample.val, label))
