@@ -75,7 +75,7 @@ def test_folder_with_nested_copy_and_macos_debris(tmp_path):
     ]
     first = on_disk.iloc[0]
     assert (tmp_path / "raw" / first.path).is_file()
-    assert first.width == 48 and first["mode"] == "L"
+    assert first.width == 64 and first["mode"] == "L"
 
 
 def test_zip_source_matches_folder_source(tmp_path):

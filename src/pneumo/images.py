@@ -1,7 +1,8 @@
 """Turning an encoded image file into the model's input pixels.
 
-One function, :func:`prepare_image`, serves preprocess (building the cache), predict and the
-registered pyfunc model, so training and inference can never see differently prepared images.
+One function, :func:`prepare_image`, serves predict and the registered pyfunc model;
+preprocess calls its two steps, :func:`decode_grayscale` then :func:`fit_square`, to judge the
+decoded image in between. Training and inference can never see differently prepared images.
 """
 
 from __future__ import annotations
