@@ -16,6 +16,7 @@ from sklearn.metrics import (
 )
 
 from pneumo.metrics import (
+    MetricsError,
     binary_metrics,
     bootstrap_ci,
     choose_threshold,
@@ -44,6 +45,12 @@ def test_recall_rule_picks_the_highest_threshold_reaching_the_target(target, exp
     assert threshold == expected
     assert recall_score(Y, threshold <= P) >= target
     assert recall_score(Y, threshold + 1e-9 <= P) < target or threshold == P.max()
+
+
+@pytest.mark.parametrize("rule", ["youden", "recall>=0.9"])
+def test_threshold_rule_on_a_one_class_validation_split_says_what_to_change(rule):
+    with pytest.raises(MetricsError, match=r"only \['PNEUMONIA'\].*data\.val_fraction"):
+        choose_threshold(rule, np.ones(5, int), P[:5])
 
 
 def test_metrics_match_scikit_learn():

@@ -17,6 +17,9 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from pneumo.config import CLASS_NAMES
+from pneumo.errors import UserError
+
 POINT_METRICS = (
     "accuracy",
     "precision",
@@ -28,6 +31,19 @@ POINT_METRICS = (
     "average_precision",
     "brier",
 )
+
+
+class MetricsError(UserError):
+    """The labels cannot support the requested statistic (too few images of a class)."""
+
+
+def require_both_classes(y: np.ndarray, what: str, remedy: str) -> None:
+    """ROC statistics compare positives with negatives: one class alone gives nothing."""
+    present = [CLASS_NAMES[int(label)] for label in np.unique(y)]
+    if len(present) < 2:
+        raise MetricsError(
+            f"{what} needs both classes, but there are only {present or 'no images'}; {remedy}"
+        )
 
 
 def _fast_sklearn():
@@ -43,8 +59,11 @@ def choose_threshold(rule: float | str, y_val: np.ndarray, p_val: np.ndarray) ->
     """
     if isinstance(rule, float | int):
         return float(rule)
-    if len(np.unique(y_val)) < 2:
-        raise ValueError("a threshold rule needs both classes in the validation split")
+    require_both_classes(
+        y_val,
+        f"evaluate.threshold {rule!r} on the validation split",
+        "set a fixed threshold or give validation more patients (data.val_fraction)",
+    )
     fpr, tpr, thresholds = roc_curve(y_val, p_val, drop_intermediate=False)
     finite = np.isfinite(thresholds)
     fpr, tpr, thresholds = fpr[finite], tpr[finite], thresholds[finite]
