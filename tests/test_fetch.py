@@ -17,8 +17,9 @@ from tests.conftest import jpeg_bytes, kaggle_files, run_cli, write_tree
 @pytest.mark.parametrize(
     ("name", "patient"),
     [
-        ("person1_bacteria_1.jpeg", "person1"),
-        ("person1493_virus_2598.jpeg", "person1493"),
+        ("person1_bacteria_1.jpeg", "person1_bacteria"),
+        ("person1493_virus_2598.jpeg", "person1493_virus"),
+        ("person447_virus_921_1.jpeg", "person447_virus"),
         ("IM-0115-0001.jpeg", "IM-0115"),
         ("NORMAL2-IM-0427-0001.jpeg", "NORMAL2-IM-0427"),
         ("odd-name.png", "odd-name"),
@@ -26,6 +27,13 @@ from tests.conftest import jpeg_bytes, kaggle_files, run_cli, write_tree
 )
 def test_patient_id_from_kaggle_names(name, patient):
     assert patient_id(name) == patient
+
+
+def test_person_numbers_count_per_category():
+    """person12_bacteria and person12_virus are two patients; two images of one are one."""
+    assert patient_id("person12_bacteria_57.jpeg") != patient_id("person12_virus_39.jpeg")
+    assert patient_id("person12_virus_39.jpeg") == patient_id("person12_virus_40.jpeg")
+    assert patient_id("IM-0115-0001.jpeg") != patient_id("NORMAL2-IM-0115-0001.jpeg")
 
 
 def _local(path: Path, **limits: float) -> DataConfig:

@@ -50,8 +50,10 @@ MB = 1 << 20
 RATIO_FLOOR_BYTES = MB  # smaller entries cannot inflate far enough to matter
 MANIFEST_COLUMNS = ["path", "split", "label", "patient", "sha256", "width", "height", "mode"]
 
+# personN counts separately for bacteria and virus (scripts/patient_keys.py shows it), so
+# person12_bacteria and person12_virus are two patients.
 _PATIENT_PATTERNS = (
-    re.compile(r"^(person\d+)_(?:bacteria|virus)_\d+", re.IGNORECASE),
+    re.compile(r"^(person\d+_(?:bacteria|virus))_\d+", re.IGNORECASE),
     re.compile(r"^(NORMAL2-IM-\d+)-\d+", re.IGNORECASE),
     re.compile(r"^(IM-\d+)-\d+", re.IGNORECASE),
 )
@@ -72,7 +74,11 @@ class Entry:
 
 
 def patient_id(filename: str) -> str:
-    """Patient id from a Kaggle file name; unknown patterns fall back to the file stem."""
+    """Patient id from a Kaggle file name; unknown patterns fall back to the file stem.
+
+    ``person12_virus_5`` → ``person12_virus``, ``IM-0115-0001`` → ``IM-0115``,
+    ``NORMAL2-IM-0427-0001`` → ``NORMAL2-IM-0427``.
+    """
     stem = PurePosixPath(filename).stem
     for pattern in _PATIENT_PATTERNS:
         match = pattern.match(stem)
