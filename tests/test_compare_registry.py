@@ -60,8 +60,11 @@ def test_comparison_files(compared):
     val_metric = [result["rows"][n]["val"]["roc_auc"] for n in result["ranking"]]
     assert val_metric == sorted(val_metric, reverse=True)
     other = next(n for n in result["ranking"] if n not in (result["best"],))
-    assert 0 <= result["paired_tests_vs_best"][other]["mcnemar_p_accuracy"] <= 1
+    paired = result["paired_tests_vs_best"][other]
+    assert 0 <= paired["mcnemar_p_accuracy"] <= 1 and 0 <= paired["delong"]["p"] <= 1
+    assert paired["delong"]["difference"] == pytest.approx(paired["auc_difference"]["difference"])
     markdown = (compared / "reports/comparison.md").read_text()
+    assert "| DeLong p (AUC) |" in markdown
     assert "generated synthetic sample" in markdown and "| ensemble |" in markdown
     assert (compared / "reports/comparison_roc.png").stat().st_size > 1000
 

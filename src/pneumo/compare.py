@@ -23,6 +23,7 @@ from pneumo.files import write_json_atomic, write_text_atomic
 from pneumo.metrics import (
     binary_metrics,
     choose_threshold,
+    delong_test,
     mcnemar_exact,
     metrics_with_ci,
     paired_bootstrap_auc,
@@ -119,6 +120,7 @@ def compare(params: Params, backbones: list[str]) -> dict:
             "auc_difference": paired_bootstrap_auc(
                 y_test, p_test[best], p_test[other], resamples=boot.resamples, seed=boot.seed
             ),
+            "delong": delong_test(y_test, p_test[best], p_test[other]),
         }
 
     result = {
@@ -186,14 +188,16 @@ def render_table(result: dict) -> str:
         "",
     ]
     lines += [
-        "| vs | McNemar p (accuracy) | ΔAUC (95% CI) | bootstrap p (AUC) |",
-        "|---|---|---|---|",
+        "| vs | McNemar p (accuracy) | ΔAUC (95% CI) | bootstrap p (AUC) | DeLong p (AUC) |",
+        "|---|---|---|---|---|",
     ]
     for other, test in result["paired_tests_vs_best"].items():
         auc = test["auc_difference"]
+        # comparison.json files written before DeLong's test was added lack it
+        delong = f"{test['delong']['p']:.3f}" if "delong" in test else "–"
         lines.append(
             f"| {other} | {test['mcnemar_p_accuracy']:.3f} | {auc['difference']:+.3f} "
-            f"({auc['ci_low']:+.3f}–{auc['ci_high']:+.3f}) | {auc['p']:.3f} |"
+            f"({auc['ci_low']:+.3f}–{auc['ci_high']:+.3f}) | {auc['p']:.3f} | {delong} |"
         )
     return "\n".join(lines) + "\n"
 
