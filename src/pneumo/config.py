@@ -109,7 +109,8 @@ class ZipLimits(Section):
 
 class DataConfig(Section):
     source: Literal["sample", "kaggle", "local"] = "sample"
-    kaggle_dataset: Annotated[str, Field(pattern=r"^[\w.-]+/[\w.-]+$")] = (
+    # a kagglehub handle: owner/dataset, optionally pinned with /versions/N
+    kaggle_dataset: Annotated[str, Field(pattern=r"^[\w.-]+/[\w.-]+(/versions/\d+)?$")] = (
         "paultimothymooney/chest-xray-pneumonia"
     )
     local_path: str | None = None
