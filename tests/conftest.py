@@ -17,7 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEV_ARCHIVE = REPO_ROOT.parent / "shared" / "data" / "chest_xray_dev.zip"
 
 
-def jpeg_bytes(seed: int, size: int = 48, mode: str = "L") -> bytes:
+def jpeg_bytes(seed: int, size: int = 64, mode: str = "L") -> bytes:
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, (size, size), dtype=np.uint8)
     image = Image.fromarray(pixels, mode="L").convert(mode)

@@ -13,9 +13,36 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from pneumo.compare import CompareError, update_readme_block
 from tests.conftest import run_cli
 
 NAME = "pneumo-classifier"
+
+
+def test_compare_before_evaluate_says_which_stage_to_run(in_tmp):
+    result = run_cli("compare", "--no-register", params={"backbones": ["resnet50"]})
+    assert result.exit_code == 1
+    assert "not found: run `pneumo evaluate resnet50`" in result.output
+
+
+def test_evaluations_of_different_caches_are_not_compared(in_tmp):
+    predictions = pd.DataFrame({"image": ["a.jpeg"], "target": [1], "probability": [0.7]})
+    for backbone, data_hash in (("resnet50", "aaa"), ("densenet121", "bbb")):
+        folder = in_tmp / "reports/eval" / backbone
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"data_hash": data_hash}))
+        for name in ("predictions.csv", "val_predictions.csv"):
+            predictions.to_csv(folder / name, index=False)
+    result = run_cli("compare", "--no-register", params={"backbones": ["resnet50", "densenet121"]})
+    assert result.exit_code == 1
+    assert "different preprocess caches" in result.output and "'bbb'" in result.output
+
+
+def test_readme_without_the_markers_is_a_user_error(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# project\n")
+    with pytest.raises(CompareError, match="lacks the markers.*put both lines back"):
+        update_readme_block(readme, "table\n")
 
 
 @pytest.fixture
@@ -33,8 +60,11 @@ def test_comparison_files(compared):
     val_metric = [result["rows"][n]["val"]["roc_auc"] for n in result["ranking"]]
     assert val_metric == sorted(val_metric, reverse=True)
     other = next(n for n in result["ranking"] if n not in (result["best"],))
-    assert 0 <= result["paired_tests_vs_best"][other]["mcnemar_p_accuracy"] <= 1
+    paired = result["paired_tests_vs_best"][other]
+    assert 0 <= paired["mcnemar_p_accuracy"] <= 1 and 0 <= paired["delong"]["p"] <= 1
+    assert paired["delong"]["difference"] == pytest.approx(paired["auc_difference"]["difference"])
     markdown = (compared / "reports/comparison.md").read_text()
+    assert "| DeLong p (AUC) |" in markdown
     assert "generated synthetic sample" in markdown and "| ensemble |" in markdown
     assert (compared / "reports/comparison_roc.png").stat().st_size > 1000
 

@@ -56,6 +56,56 @@ def test_invalid_values_name_the_key(raw, expected):
         parse_params(raw)
 
 
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**32}, "seed"),
+        ({"evaluate": {"tta": ["scale:0"]}}, "evaluate.tta"),
+        ({"evaluate": {"tta": ["identity", "rotate:400"]}}, "evaluate.tta"),
+        ({"evaluate": {"tta": ["hflip", "hflip"]}}, "evaluate.tta"),
+        ({"evaluate": {"threshold": True}}, "evaluate.threshold"),
+        ({"evaluate": {"threshold": float("nan")}}, "evaluate.threshold"),
+        ({"evaluate": {"bootstrap": {"seed": -3}}}, "evaluate.bootstrap.seed"),
+        ({"registry": {"model_name": ""}}, "registry.model_name"),
+        ({"registry": {"model_name": "team/model"}}, "registry.model_name"),
+        ({"tracking": {"experiment": ""}}, "tracking.experiment"),
+        ({"tracking": {"uri": " "}}, "tracking.uri"),
+        ({"loss": {"gamma": float("inf")}}, "loss.gamma"),
+        ({"loss": {"pos_weight": float("inf")}}, "loss.pos_weight"),
+        ({"loss": {"pos_weight": True}}, "loss.pos_weight"),
+        ({"train": {"lr": float("nan")}}, "train.lr"),
+        ({"train": {"epochs": True}}, "train.epochs"),
+        ({"train": {"batch_size": 1}}, "train.batch_size"),
+        ({"augment": {"rotation": True}}, "augment.rotation"),
+        ({"model": {"pretrained": 1}}, "model.pretrained"),
+        ({"data": {"image_size": "64"}}, "data.image_size"),
+        ({"data": {"image_size": 16}}, "data.image_size"),
+        ({"data": {"kaggle_dataset": "chest-xray"}}, "data.kaggle_dataset"),
+        (
+            {"data": {"sample": {"train": {"normal": 2, "pneumonia": 9}}}},
+            "data.sample.train.normal",
+        ),
+    ],
+)
+def test_check_refuses_what_a_later_stage_would_reject(in_tmp, raw, key):
+    result = run_cli("check", params=raw)
+    assert result.exit_code == 1
+    header, *problems = result.output.strip().splitlines()
+    assert header == "Error: invalid params:"
+    assert len(problems) == 1 and key in problems[0], result.output
+
+
+def test_duplicate_yaml_keys_are_refused_with_key_and_line(in_tmp):
+    (in_tmp / "params.yaml").write_text("train:\n  epochs: 2\n  lr: 0.01\n  epochs: 5\n")
+    result = run_cli("check")
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        "Error: params.yaml is not valid YAML: line 4, column 3: "
+        "key 'epochs' appears twice (lines 2 and 4)"
+    )
+
+
 def test_valid_threshold_rules():
     assert parse_params({"evaluate": {"threshold": 0.8}}).evaluate.threshold == 0.8
     assert parse_params({"evaluate": {"threshold": "recall>=0.95"}}).evaluate.threshold

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from pneumo.evaluate import tta_probabilities, tta_view
+from pneumo.evaluate import pr_panel, roc_panel, tta_probabilities, tta_view
 from tests.conftest import run_cli
 
 
@@ -101,3 +101,24 @@ def test_threshold_ignores_the_test_split(project_copy):
     assert after["threshold"] == before["threshold"]
     assert after["val"] == before["val"]
     assert after["test"]["roc_auc"]["value"] != before["test"]["roc_auc"]["value"]
+
+
+def test_roc_panel_marks_the_operating_point_and_names_the_auc_interval():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    p = np.array([0.1, 0.3, 0.35, 0.8, 0.2, 0.4, 0.6, 0.7, 0.9, 0.95])
+    fig, (roc_ax, pr_ax) = plt.subplots(1, 2)
+    roc_panel(roc_ax, y, p, 0.5, {"value": 0.75, "ci_low": 0.41, "ci_high": 0.97})
+    pr_panel(pr_ax, y, p)
+    labels = {line.get_label(): line for line in roc_ax.get_lines()}
+    assert "TTA, AUC 0.750 (95% CI 0.410–0.970)" in labels
+    point = labels["threshold 0.500: sensitivity 0.67, specificity 0.75"]
+    assert (point.get_xdata()[0], point.get_ydata()[0]) == pytest.approx((0.25, 4 / 6))
+    baseline = next(line for line in pr_ax.get_lines() if line.get_label().startswith("prev"))
+    assert baseline.get_label() == "prevalence 0.60 (no skill)"
+    assert list(baseline.get_ydata()) == pytest.approx([0.6, 0.6])
+    plt.close(fig)

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import zipfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from pneumo.config import DataConfig
-from pneumo.fetch import FetchError, fetch, patient_id
+from pneumo.config import DataConfig, ZipLimits
+from pneumo.fetch import MB, FetchError, ReadBudget, fetch, patient_id
 from tests.conftest import jpeg_bytes, kaggle_files, run_cli, write_tree
 
 
 @pytest.mark.parametrize(
     ("name", "patient"),
     [
-        ("person1_bacteria_1.jpeg", "person1"),
-        ("person1493_virus_2598.jpeg", "person1493"),
+        ("person1_bacteria_1.jpeg", "person1_bacteria"),
+        ("person1493_virus_2598.jpeg", "person1493_virus"),
+        ("person447_virus_921_1.jpeg", "person447_virus"),
         ("IM-0115-0001.jpeg", "IM-0115"),
         ("NORMAL2-IM-0427-0001.jpeg", "NORMAL2-IM-0427"),
         ("odd-name.png", "odd-name"),
@@ -27,8 +29,32 @@ def test_patient_id_from_kaggle_names(name, patient):
     assert patient_id(name) == patient
 
 
-def _local(path: Path) -> DataConfig:
-    return DataConfig(source="local", local_path=str(path))
+def test_person_numbers_count_per_category():
+    """person12_bacteria and person12_virus are two patients; two images of one are one."""
+    assert patient_id("person12_bacteria_57.jpeg") != patient_id("person12_virus_39.jpeg")
+    assert patient_id("person12_virus_39.jpeg") == patient_id("person12_virus_40.jpeg")
+    assert patient_id("IM-0115-0001.jpeg") != patient_id("NORMAL2-IM-0115-0001.jpeg")
+
+
+def _local(path: Path, **limits: float) -> DataConfig:
+    return DataConfig(source="local", local_path=str(path), limits=ZipLimits(**limits))
+
+
+def _archive(path: Path, extra: dict[str, bytes] | None = None) -> Path:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for rel, data in (kaggle_files() | (extra or {})).items():
+            zf.writestr(rel, data)
+    return path
+
+
+def _zeros_entry(archive: Path, name: str, megabytes: int) -> None:
+    """Append an entry of zeros, streamed: it deflates about a thousandfold."""
+    with (
+        zipfile.ZipFile(archive, "a", compression=zipfile.ZIP_DEFLATED) as zf,
+        zf.open(name, "w", force_zip64=True) as entry,
+    ):
+        for _ in range(megabytes):
+            entry.write(bytes(MB))
 
 
 def test_folder_with_nested_copy_and_macos_debris(tmp_path):
@@ -57,7 +83,7 @@ def test_folder_with_nested_copy_and_macos_debris(tmp_path):
     ]
     first = on_disk.iloc[0]
     assert (tmp_path / "raw" / first.path).is_file()
-    assert first.width == 48 and first["mode"] == "L"
+    assert first.width == 64 and first["mode"] == "L"
 
 
 def test_zip_source_matches_folder_source(tmp_path):
@@ -127,3 +153,84 @@ def test_interrupted_fetch_keeps_the_previous_raw_data_and_leaves_no_debris(tmp_
     with pytest.raises(KeyboardInterrupt):
         fetch(_local(source), tmp_path / "data/raw", seed=0)
     assert sorted((tmp_path / "data").rglob("*")) == before
+
+
+def test_zip_with_a_corrupted_entry_is_reported_as_damaged(in_tmp):
+    image = jpeg_bytes(77)
+    archive = in_tmp / "data.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as zf:
+        for rel, data in kaggle_files().items():
+            zf.writestr(rel, data)
+        zf.writestr("chest_xray/train/NORMAL/IM-0777-0001.jpeg", image)
+    raw = bytearray(archive.read_bytes())
+    raw[raw.index(image) + len(image) // 2] ^= 0xFF  # the CRC no longer matches
+    archive.write_bytes(bytes(raw))
+    result = run_cli("fetch", params={"data": {"source": "local", "local_path": str(archive)}})
+    assert result.exit_code == 1
+    error = result.output.strip().splitlines()[-1]  # after the progress bar
+    assert error.startswith("Error: ") and "damaged .zip archive" in error
+    assert "IM-0777-0001.jpeg" in error and "Traceback" not in result.output
+    assert not (in_tmp / "data/raw").exists()
+
+
+def test_truncated_zip_is_reported_as_damaged(in_tmp):
+    archive = _archive(in_tmp / "data.zip")
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    result = run_cli("fetch", params={"data": {"source": "local", "local_path": str(archive)}})
+    assert result.exit_code == 1
+    assert "damaged .zip archive" in result.output and "truncated" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_small_zip_unpacking_to_a_huge_entry_is_refused(in_tmp):
+    archive = _archive(in_tmp / "bomb.zip")
+    _zeros_entry(archive, "chest_xray/train/NORMAL/IM-0999-0001.jpeg", megabytes=256)
+    assert archive.stat().st_size < 2 * MB
+    result = run_cli("fetch", params={"data": {"source": "local", "local_path": str(archive)}})
+    assert result.exit_code == 1
+    assert "data.limits.max_entry_mb=64" in result.output and "refusing" in result.output
+    assert not (in_tmp / "data/raw").exists()
+
+
+def test_highly_compressed_entry_is_refused(tmp_path):
+    archive = _archive(tmp_path / "bomb.zip")
+    _zeros_entry(archive, "chest_xray/notes/padding.bin", megabytes=8)
+    with pytest.raises(FetchError, match=r"compressed \d+:1.*data\.limits\.max_compression_ratio"):
+        fetch(_local(archive), tmp_path / "raw", seed=0)
+
+
+def test_archive_unpacking_to_more_than_the_total_limit_is_refused(tmp_path):
+    archive = _archive(tmp_path / "data.zip")
+    with pytest.raises(FetchError, match=r"data\.limits\.max_total_mb=0\.1"):
+        fetch(_local(archive, max_total_mb=0.1), tmp_path / "raw", seed=0)
+    assert len(fetch(_local(archive, max_total_mb=5), tmp_path / "raw", seed=0)) > 0
+
+
+class _LyingArchive:
+    """Stands in for a zip reader that trusts local headers and yields more than declared."""
+
+    def open(self, info: zipfile.ZipInfo) -> io.BytesIO:
+        return io.BytesIO(bytes(3 * MB))
+
+
+def test_reads_stop_at_the_limits_whatever_the_archive_declares(tmp_path):
+    declared = zipfile.ZipInfo("chest_xray/train/NORMAL/IM-0001-0001.jpeg")
+    declared.file_size = 100
+    budget = ReadBudget(ZipLimits(max_entry_mb=1))
+    with pytest.raises(FetchError, match=r"more than data\.limits\.max_entry_mb=1 "):
+        budget.read(tmp_path / "a.zip", _LyingArchive(), declared)
+    total = ReadBudget(ZipLimits(max_entry_mb=4, max_total_mb=5))
+    assert len(total.read(tmp_path / "a.zip", _LyingArchive(), declared)) == 3 * MB
+    with pytest.raises(FetchError, match=r"data\.limits\.max_total_mb=5 "):
+        total.read(tmp_path / "a.zip", _LyingArchive(), declared)
+
+
+@pytest.mark.parametrize("target", ["file", "folder"])
+def test_symbolic_links_in_a_source_folder_are_refused(tmp_path, target):
+    source = write_tree(tmp_path / "src", kaggle_files())
+    outside = write_tree(tmp_path / "outside", {"secret.jpeg": jpeg_bytes(5)})
+    link = source / "chest_xray/train/NORMAL" / ("IM-0888-0001.jpeg" if target == "file" else "x")
+    link.symlink_to(outside / "secret.jpeg" if target == "file" else outside)
+    with pytest.raises(FetchError, match=r"1 symbolic links, which fetch does not follow.*NORMAL"):
+        fetch(_local(source), tmp_path / "raw", seed=0)
+    assert not (tmp_path / "raw").exists()

@@ -16,9 +16,12 @@ from sklearn.metrics import (
 )
 
 from pneumo.metrics import (
+    MetricsError,
     binary_metrics,
     bootstrap_ci,
     choose_threshold,
+    delong_covariance,
+    delong_test,
     mcnemar_exact,
     paired_bootstrap_auc,
     resampled_metrics,
@@ -44,6 +47,12 @@ def test_recall_rule_picks_the_highest_threshold_reaching_the_target(target, exp
     assert threshold == expected
     assert recall_score(Y, threshold <= P) >= target
     assert recall_score(Y, threshold + 1e-9 <= P) < target or threshold == P.max()
+
+
+@pytest.mark.parametrize("rule", ["youden", "recall>=0.9"])
+def test_threshold_rule_on_a_one_class_validation_split_says_what_to_change(rule):
+    with pytest.raises(MetricsError, match=r"only \['PNEUMONIA'\].*data\.val_fraction"):
+        choose_threshold(rule, np.ones(5, int), P[:5])
 
 
 def test_metrics_match_scikit_learn():
@@ -128,3 +137,50 @@ def test_vectorised_resample_metrics_equal_binary_metrics_on_each_resample():
         expected = binary_metrics(y[idx], p[idx], 0.5)
         for metric in draws:
             assert draws[metric][row] == pytest.approx(expected[metric]), metric
+
+
+def _delong_by_definition(y: np.ndarray, scores: np.ndarray):
+    """DeLong et al. (1988) written out: every positive against every negative, in loops."""
+    positives, negatives = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    m, n, k = len(positives), len(negatives), len(scores)
+
+    def psi(x: float, z: float) -> float:
+        return 1.0 if x > z else 0.5 if x == z else 0.0
+
+    v10, v01 = np.zeros((k, m)), np.zeros((k, n))
+    for r in range(k):
+        for i, pos in enumerate(positives):
+            for j, neg in enumerate(negatives):
+                kernel = psi(scores[r, pos], scores[r, neg])
+                v10[r, i] += kernel / n
+                v01[r, j] += kernel / m
+    aucs = v10.mean(axis=1)
+    s10, s01 = np.zeros((k, k)), np.zeros((k, k))
+    for r in range(k):
+        for c in range(k):
+            s10[r, c] = sum((v10[r] - aucs[r]) * (v10[c] - aucs[c])) / (m - 1)
+            s01[r, c] = sum((v01[r] - aucs[r]) * (v01[c] - aucs[c])) / (n - 1)
+    return aucs, s10 / m + s01 / n
+
+
+def test_fast_delong_equals_the_definition_computed_pair_by_pair():
+    rng = np.random.default_rng(5)
+    y = (rng.random(45) < 0.4).astype(int)
+    scores = np.round(rng.random((3, 45)) * 0.6 + 0.3 * y, 1)  # rounded: many ties
+    aucs, covariance = delong_covariance(y, scores)
+    expected_aucs, expected_covariance = _delong_by_definition(y, scores)
+    np.testing.assert_allclose(aucs, expected_aucs, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(covariance, expected_covariance, rtol=0, atol=1e-12)
+    assert aucs == pytest.approx([roc_auc_score(y, row) for row in scores])
+
+
+def test_delong_test_detects_a_better_model_and_not_an_identical_one():
+    y, good = _scores(400)
+    noise = np.random.default_rng(9).random(400)
+    better = delong_test(y, good, noise)
+    assert better["difference"] == pytest.approx(roc_auc_score(y, good) - roc_auc_score(y, noise))
+    assert better["p"] < 0.001
+    assert delong_test(y, good, good) == {"difference": 0.0, "p": 1.0}
+    a, b = _scores(60, seed=3)[1], _scores(60, seed=4)[1]
+    y_small = _scores(60, seed=3)[0]
+    assert 0.0 < delong_test(y_small, a, b)["p"] == pytest.approx(delong_test(y_small, b, a)["p"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 
@@ -14,7 +15,7 @@ from pneumo.config import DataConfig
 from pneumo.fetch import fetch
 from pneumo.images import ImageDecodeError, decode_grayscale, fit_square
 from pneumo.preprocess import PreprocessError, deduplicate, preprocess, split_by_patient
-from tests.conftest import jpeg_bytes, kaggle_files, write_tree
+from tests.conftest import jpeg_bytes, kaggle_files, run_cli, write_tree
 
 
 def _encode(image: Image.Image, fmt: str) -> bytes:
@@ -157,7 +158,8 @@ def test_cache_report_and_excluded_files(tmp_path):
         "train/NORMAL/IM-9001-0001.jpeg",
         "train/PNEUMONIA/person9002_virus_1.jpeg",
     }
-    assert all(e["reason"] for e in report["excluded"])
+    assert all(e["reason"] and e["kind"] == "unreadable" for e in report["excluded"])
+    assert report["excluded_counts"] == {"unreadable": 2}
     assert report["duplicates_removed"]["pool_identical_within_pool"] == 1
     assert report["cached_images"] == n_files - 3
     assert all(n == 0 for part in report["overlap"].values() for n in part.values())
@@ -174,10 +176,37 @@ def test_cache_report_and_excluded_files(tmp_path):
     assert set(manifest.target) == {0, 1}
 
 
+def test_tiny_and_constant_images_are_excluded_with_their_reason(tmp_path):
+    tiny = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 90), np.uint8))
+    unusable = {
+        "chest_xray/train/NORMAL/IM-9101-0001.jpeg": _encode(tiny, "JPEG"),
+        "chest_xray/train/NORMAL/IM-9102-0001.png": _encode(Image.new("L", (80, 80), 0), "PNG"),
+        "chest_xray/test/PNEUMONIA/person9103_virus_1.png": _encode(
+            Image.new("RGB", (300, 200), (128, 128, 128)), "PNG"
+        ),
+    }
+    raw, n_files = _raw(tmp_path, unusable)
+    config = DataConfig(image_size=32, val_fraction=0.2, max_bad_fraction=0.05)
+    report = preprocess(config, raw, tmp_path / "processed", seed=0, workers=1)
+    reasons = {e["path"]: (e["kind"], e["reason"]) for e in report["excluded"]}
+    assert reasons == {
+        "train/NORMAL/IM-9101-0001.jpeg": ("too_small", "90x40 px, below data.min_image_side=64"),
+        "train/NORMAL/IM-9102-0001.png": ("constant", "every pixel is 0: no image content"),
+        "test/PNEUMONIA/person9103_virus_1.png": (
+            "constant",
+            "every pixel is 128: no image content",
+        ),
+    }
+    assert report["excluded_counts"] == {"constant": 2, "too_small": 1}
+    assert report["cached_images"] == n_files - 3
+
+
 def test_too_many_bad_files_fail_and_write_nothing(tmp_path):
     bad = {f"chest_xray/train/NORMAL/IM-95{i:02d}-0001.jpeg": b"junk" for i in range(10)}
     raw, _ = _raw(tmp_path, bad)
-    with pytest.raises(PreprocessError, match=r"10 of .* cannot be read.*max_bad_fraction"):
+    with pytest.raises(
+        PreprocessError, match=r"10 of .* are excluded \(unreadable: 10\).*max_bad_fraction"
+    ):
         preprocess(
             DataConfig(image_size=32, max_bad_fraction=0.01),
             raw,
@@ -186,3 +215,33 @@ def test_too_many_bad_files_fail_and_write_nothing(tmp_path):
             workers=1,
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw", "src"]
+
+
+def _tree_digests(folder) -> dict[str, str]:
+    return {
+        path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_fetch_and_preprocess_twice_give_byte_identical_outputs(in_tmp):
+    """Nothing in data/processed may depend on the run: no addresses, times or orderings."""
+    corrupt = {
+        "chest_xray/train/NORMAL/IM-9001-0001.jpeg": b"<html>rate limited</html>",
+        "chest_xray/train/PNEUMONIA/person9002_virus_1.jpeg": jpeg_bytes(9)[:200],
+    }
+    source = write_tree(in_tmp / "src", kaggle_files(patients=30) | corrupt)
+    params = {
+        "data": {"source": "local", "local_path": str(source), "max_bad_fraction": 0.05},
+    }
+    digests = []
+    for _ in range(2):
+        for command in (("fetch",), ("preprocess", "--workers", "1")):
+            result = run_cli(*command, params=params)
+            assert result.exit_code == 0, result.output
+        digests.append(_tree_digests(in_tmp / "data/processed"))
+    report = json.loads((in_tmp / "data/processed/report.json").read_text())
+    assert len(report["excluded"]) == 2
+    assert "report.json" in digests[0] and "train_images.npy" in digests[0]
+    assert digests[0] == digests[1]

@@ -18,10 +18,12 @@ import pandas as pd
 
 from pneumo import paths
 from pneumo.config import Params, selected_metric
+from pneumo.errors import UserError
 from pneumo.files import write_json_atomic, write_text_atomic
 from pneumo.metrics import (
     binary_metrics,
     choose_threshold,
+    delong_test,
     mcnemar_exact,
     metrics_with_ci,
     paired_bootstrap_auc,
@@ -34,7 +36,17 @@ ENSEMBLE = "ensemble"
 TABLE_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
 
 
+class CompareError(UserError):
+    """The evaluations cannot be compared, or the README cannot take the table."""
+
+
 def _load(eval_dir: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    files = [eval_dir / name for name in ("metrics.json", "predictions.csv", "val_predictions.csv")]
+    missing = [str(file) for file in files if not file.is_file()]
+    if missing:
+        raise CompareError(
+            f"{missing} not found: run `pneumo evaluate {eval_dir.name}` (or `dvc repro`) first"
+        )
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     test = pd.read_csv(eval_dir / "predictions.csv").set_index("image")
     val = pd.read_csv(eval_dir / "val_predictions.csv").set_index("image")
@@ -56,6 +68,12 @@ def describe_data(params: Params) -> str:
 def compare(params: Params, backbones: list[str]) -> dict:
     boot = params.evaluate.bootstrap
     loaded = {b: _load(paths.eval_report_dir(b)) for b in backbones}
+    data_hashes = {b: metrics["data_hash"] for b, (metrics, _, _) in loaded.items()}
+    if len(set(data_hashes.values())) > 1:
+        raise CompareError(
+            f"the evaluations were made on different preprocess caches {data_hashes}, so their "
+            "test images differ: rerun `dvc repro` to train and evaluate every backbone anew"
+        )
     first_test = loaded[backbones[0]][1]
     y_test = first_test.target.to_numpy()
     y_val = loaded[backbones[0]][2].target.to_numpy()
@@ -102,6 +120,7 @@ def compare(params: Params, backbones: list[str]) -> dict:
             "auc_difference": paired_bootstrap_auc(
                 y_test, p_test[best], p_test[other], resamples=boot.resamples, seed=boot.seed
             ),
+            "delong": delong_test(y_test, p_test[best], p_test[other]),
         }
 
     result = {
@@ -169,14 +188,16 @@ def render_table(result: dict) -> str:
         "",
     ]
     lines += [
-        "| vs | McNemar p (accuracy) | ΔAUC (95% CI) | bootstrap p (AUC) |",
-        "|---|---|---|---|",
+        "| vs | McNemar p (accuracy) | ΔAUC (95% CI) | bootstrap p (AUC) | DeLong p (AUC) |",
+        "|---|---|---|---|---|",
     ]
     for other, test in result["paired_tests_vs_best"].items():
         auc = test["auc_difference"]
+        # comparison.json files written before DeLong's test was added lack it
+        delong = f"{test['delong']['p']:.3f}" if "delong" in test else "–"
         lines.append(
             f"| {other} | {test['mcnemar_p_accuracy']:.3f} | {auc['difference']:+.3f} "
-            f"({auc['ci_low']:+.3f}–{auc['ci_high']:+.3f}) | {auc['p']:.3f} |"
+            f"({auc['ci_low']:+.3f}–{auc['ci_high']:+.3f}) | {auc['p']:.3f} | {delong} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -194,7 +215,10 @@ def update_readme_block(readme: Path, block: str, name: str = "comparison") -> b
     text = readme.read_text()
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
     if not pattern.search(text):
-        raise ValueError(f"{readme} lacks the markers {start!r} … {end!r}")
+        raise CompareError(
+            f"{readme} lacks the markers {start!r} … {end!r}: put both lines back where the "
+            "generated block belongs"
+        )
     updated = pattern.sub(lambda _: f"{start}\n{block}{end}", text)
     readme.write_text(updated)
     return updated != text

@@ -7,15 +7,20 @@ Only this module reads params.yaml; stages receive the typed sections they need.
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
+    StrictBool,
     ValidationError,
     field_validator,
     model_validator,
@@ -42,12 +47,30 @@ Backbone = Literal[
     "efficientnet-b6",
     "efficientnet-b7",
 ]
-TTA_VIEW = re.compile(r"^(identity|hflip|rotate:[+-]?\d+(\.\d+)?|scale:\d+(\.\d+)?)$")
+TTA_VIEW = re.compile(
+    r"^(identity|hflip|rotate:(?P<degrees>[+-]?\d+(\.\d+)?)|scale:(?P<factor>\d+(\.\d+)?))$"
+)
+TTA_MAX_DEGREES = 180.0
+TTA_SCALES = (0.5, 2.0)
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 THRESHOLD_RULE = re.compile(r"^(youden|recall>=(0(\.\d+)?|1(\.0+)?))$")
 
-Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
-PositiveInt = Annotated[int, Field(gt=0)]
+
+def _refuse_bool(value: Any) -> Any:
+    """YAML's true/false would otherwise pass as the numbers 1 and 0."""
+    if isinstance(value, bool):
+        raise ValueError("expects a number, not true/false")
+    return value
+
+
+# Integers are strict (no true/false, no "3"); floats take integers but no booleans; no
+# float anywhere may be nan or inf (``allow_inf_nan`` on every section).
+Int = Annotated[int, Strict()]
+Real = Annotated[float, BeforeValidator(_refuse_bool)]
+Fraction = Annotated[Real, Field(ge=0.0, le=1.0)]
+PositiveInt = Annotated[Int, Field(gt=0)]
+Seed = Annotated[Int, Field(ge=0, le=2**32 - 1)]  # the range numpy and scikit-learn accept
+Name = Annotated[str, Field(min_length=1, pattern=r"^\S(.*\S)?$")]  # not blank, no edge spaces
 
 
 class ConfigError(UserError):
@@ -55,7 +78,7 @@ class ConfigError(UserError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SplitCounts(Section):
@@ -69,19 +92,36 @@ class SampleConfig(Section):
     train: SplitCounts = SplitCounts(normal=90, pneumonia=270)
     val: SplitCounts = SplitCounts(normal=8, pneumonia=8)
     test: SplitCounts = SplitCounts(normal=60, pneumonia=100)
-    image_size: Annotated[int, Field(ge=32, le=1024)] = 128
-    max_images_per_patient: Annotated[int, Field(ge=1, le=10)] = 3
+    image_size: Annotated[Int, Field(ge=32, le=1024)] = 128
+    max_images_per_patient: Annotated[Int, Field(ge=1, le=10)] = 3
+
+
+class ZipLimits(Section):
+    """Bounds on a ``.zip`` source, so a damaged or hostile archive cannot fill disk or memory.
+
+    The defaults accept the Kaggle archive (about 1.2 GB holding 5,856 JPEGs twice, as a
+    nested copy, plus macOS debris).
+    """
+
+    max_entry_mb: Annotated[Real, Field(gt=0.0)] = 64.0
+    max_total_mb: Annotated[Real, Field(gt=0.0)] = 10_000.0
+    max_compression_ratio: Annotated[Real, Field(ge=1.0)] = 100.0
 
 
 class DataConfig(Section):
     source: Literal["sample", "kaggle", "local"] = "sample"
-    kaggle_dataset: str = "paultimothymooney/chest-xray-pneumonia"
+    # a kagglehub handle: owner/dataset, optionally pinned with /versions/N
+    kaggle_dataset: Annotated[str, Field(pattern=r"^[\w.-]+/[\w.-]+(/versions/\d+)?$")] = (
+        "paultimothymooney/chest-xray-pneumonia"
+    )
     local_path: str | None = None
     sample: SampleConfig = SampleConfig()
-    image_size: Annotated[int, Field(ge=16, le=1024)] = 48
+    image_size: Annotated[Int, Field(ge=32, le=1024)] = 48  # below 32 px some backbones fail
     resize: Literal["pad", "crop"] = "pad"
-    val_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.15
+    val_fraction: Annotated[Real, Field(gt=0.0, lt=0.5)] = 0.15
     max_bad_fraction: Fraction = 0.01
+    min_image_side: Annotated[Int, Field(ge=1)] = 64
+    limits: ZipLimits = ZipLimits()
 
     @model_validator(mode="after")
     def _local_needs_path(self) -> DataConfig:
@@ -89,10 +129,39 @@ class DataConfig(Section):
             raise ValueError("data.source 'local' needs data.local_path (a folder or a .zip)")
         return self
 
+    @model_validator(mode="after")
+    def _sample_fills_the_split(self) -> DataConfig:
+        """Preprocess must keep the generated images and find ``val_folds`` patients of each
+        class in the pooled train+val."""
+        if self.source != "sample":
+            return self
+        if self.sample.image_size < self.min_image_side:
+            raise ValueError(
+                f"data.sample.image_size={self.sample.image_size} is below "
+                f"data.min_image_side={self.min_image_side}: preprocess would exclude every image"
+            )
+        folds, per_patient = val_folds(self.val_fraction), self.sample.max_images_per_patient
+        for label in ("normal", "pneumonia"):
+            counts = (getattr(self.sample.train, label), getattr(self.sample.val, label))
+            fewest = sum(math.ceil(n / per_patient) for n in counts)
+            if fewest < folds:
+                raise ValueError(
+                    f"data.sample.train.{label} + data.sample.val.{label} = {sum(counts)} "
+                    f"images may come from only {fewest} patients (up to "
+                    f"data.sample.max_images_per_patient={per_patient} each); "
+                    f"data.val_fraction={self.val_fraction} needs {folds} patients per class"
+                )
+        return self
+
+
+def val_folds(val_fraction: float) -> int:
+    """Folds of the patient-grouped split; one of them becomes the validation split."""
+    return max(2, round(1.0 / val_fraction))
+
 
 class ModelConfig(Section):
-    pretrained: bool = False
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+    pretrained: StrictBool = False
+    dropout: Annotated[Real, Field(ge=0.0, lt=1.0)] = 0.5
     hidden_size: PositiveInt = 512
 
 
@@ -100,21 +169,31 @@ class LossConfig(Section):
     """``alpha`` weighs the positive (PNEUMONIA) class in focal loss; negatives weigh 1."""
 
     name: Literal["focal", "bce"] = "focal"
-    gamma: Annotated[float, Field(ge=0.0)] = 2.0
-    alpha: Annotated[float, Field(gt=0.0)] = 2.0
-    pos_weight: Literal["auto", "none"] | Annotated[float, Field(gt=0.0)] = "none"
+    gamma: Annotated[Real, Field(ge=0.0)] = 2.0
+    alpha: Annotated[Real, Field(gt=0.0)] = 2.0
+    pos_weight: Literal["auto", "none"] | float = "none"
+
+    @field_validator("pos_weight", mode="before")
+    @classmethod
+    def _pos_weight(cls, value: Any) -> Any:
+        # Checked here rather than as a union of types, to give one message for one mistake.
+        if value in ("auto", "none"):
+            return value
+        if _finite_number(value) and value > 0:
+            return float(value)
+        raise ValueError("a number above 0, 'auto' or 'none'")
 
 
 class AugmentConfig(Section):
     """Training-time augmentations; 0 / false switches one off."""
 
-    rotation: Annotated[float, Field(ge=0.0, le=180.0)] = 10.0
-    hflip: bool = True
-    translate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
-    brightness: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
-    contrast: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
-    blur_sigma: Annotated[float, Field(ge=0.0, le=5.0)] = 0.0
-    crop_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
+    rotation: Annotated[Real, Field(ge=0.0, le=180.0)] = 10.0
+    hflip: StrictBool = True
+    translate: Annotated[Real, Field(ge=0.0, lt=1.0)] = 0.05
+    brightness: Annotated[Real, Field(ge=0.0, le=1.0)] = 0.1
+    contrast: Annotated[Real, Field(ge=0.0, le=1.0)] = 0.1
+    blur_sigma: Annotated[Real, Field(ge=0.0, le=5.0)] = 0.0
+    crop_scale: Annotated[Real, Field(gt=0.0, le=1.0)] = 0.9
 
 
 class TrainConfig(Section):
@@ -125,21 +204,21 @@ class TrainConfig(Section):
     """
 
     epochs: PositiveInt = 3
-    batch_size: PositiveInt = 32
-    lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3
-    weight_decay: Annotated[float, Field(ge=0.0)] = 1e-4
+    batch_size: Annotated[Int, Field(ge=2)] = 32  # BatchNorm cannot train on one image
+    lr: Annotated[Real, Field(gt=0.0, le=1.0)] = 1e-3
+    weight_decay: Annotated[Real, Field(ge=0.0)] = 1e-4
     scheduler: Literal["cosine", "plateau", "none"] = "cosine"
     patience: PositiveInt = 3
-    weighted_sampler: bool = True
+    weighted_sampler: StrictBool = True
     device: str = "auto"
     amp: Literal["fp16", "bf16", "off"] = "fp16"
-    channels_last: bool = True
-    compile: bool = False
-    deterministic: bool = True
-    num_workers: Literal["auto"] | Annotated[int, Field(ge=0)] = "auto"
-    resume: bool = True
+    channels_last: StrictBool = True
+    compile: StrictBool = False
+    deterministic: StrictBool = True
+    num_workers: Literal["auto"] | Annotated[Int, Field(ge=0)] = "auto"
+    resume: StrictBool = True
     nproc: PositiveInt = 1
-    sync_batchnorm: bool = False
+    sync_batchnorm: StrictBool = False
 
     @field_validator("device")
     @classmethod
@@ -161,8 +240,8 @@ class TrainConfig(Section):
 
 
 class BootstrapConfig(Section):
-    resamples: Annotated[int, Field(ge=10)] = 1000
-    seed: int = 0
+    resamples: Annotated[Int, Field(ge=10)] = 1000
+    seed: Seed = 0
 
 
 class EvaluateConfig(Section):
@@ -176,24 +255,32 @@ class EvaluateConfig(Section):
     def _known_views(cls, views: list[str]) -> list[str]:
         if not views:
             raise ValueError("needs at least one view, e.g. [identity]")
+        low, high = TTA_SCALES
         for view in views:
-            if not TTA_VIEW.match(view):
+            match = TTA_VIEW.match(view)
+            if not match:
                 raise ValueError(
                     f"unknown view {view!r}; allowed: identity, hflip, rotate:<degrees>, "
                     "scale:<factor>"
                 )
+            if match["degrees"] and abs(float(match["degrees"])) > TTA_MAX_DEGREES:
+                raise ValueError(f"{view!r}: rotate by -{TTA_MAX_DEGREES:g} to {TTA_MAX_DEGREES:g}")
+            if match["factor"] and not low <= float(match["factor"]) <= high:
+                raise ValueError(f"{view!r}: scale by a factor from {low:g} to {high:g}")
+        if len(set(views)) != len(views):
+            raise ValueError("a view is listed twice; each view weighs once in the average")
         return views
 
-    @field_validator("threshold")
+    @field_validator("threshold", mode="before")
     @classmethod
-    def _threshold_rule(cls, value: float | str) -> float | str:
-        if isinstance(value, float | int):
-            if not 0.0 < value < 1.0:
-                raise ValueError("a fixed threshold lies strictly between 0 and 1")
-            return float(value)
-        if not THRESHOLD_RULE.match(value):
-            raise ValueError(f"{value!r} is neither a number nor 'youden' nor 'recall>=X'")
-        return value
+    def _threshold_rule(cls, value: Any) -> float | str:
+        if isinstance(value, str):
+            if not THRESHOLD_RULE.match(value):
+                raise ValueError(f"{value!r} is neither a number nor 'youden' nor 'recall>=X'")
+            return value
+        if not (_finite_number(value) and 0.0 < value < 1.0):
+            raise ValueError("a fixed threshold is a number strictly between 0 and 1")
+        return float(value)
 
 
 class CompareConfig(Section):
@@ -212,18 +299,20 @@ def selected_metric(select_by: str) -> str:
 
 
 class RegistryConfig(Section):
-    model_name: str = "pneumo-classifier"
+    """MLflow refuses '/' and ':' in model names; '@' would end the name in models:/name@alias."""
+
+    model_name: Annotated[Name, Field(pattern=r"^[^/:@]+$")] = "pneumo-classifier"
 
 
 class TrackingConfig(Section):
     """``uri: null`` means a SQLite file at the repository root (see pneumo.tracking)."""
 
-    uri: str | None = None
-    experiment: str = "pneumo"
+    uri: Name | None = None
+    experiment: Annotated[Name, Field(max_length=500)] = "pneumo"  # MLflow's length limit
 
 
 class Params(Section):
-    seed: int = 42
+    seed: Seed = 42
     backbones: list[Backbone] = ["densenet121", "resnet50", "efficientnet-b4"]
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -243,11 +332,18 @@ class Params(Section):
         return names
 
 
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _describe(error: dict[str, Any]) -> str:
     key = ".".join(str(part) for part in error["loc"]) or "<top level>"
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key (check the spelling against params.yaml's documented keys)"
-    return f"{key}: {error['msg']} (got {error.get('input')!r})"
+    message = error["msg"].removeprefix("Value error, ")
+    if isinstance(error.get("input"), dict):  # a whole section: the message names the keys
+        return f"{key}: {message}"
+    return f"{key}: {message} (got {error.get('input')!r})"
 
 
 def parse_params(raw: dict[str, Any]) -> Params:
@@ -259,14 +355,47 @@ def parse_params(raw: dict[str, Any]) -> Params:
         raise ConfigError(f"invalid params:\n  {lines}") from None
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping.
+
+    Plain YAML keeps the last value silently, so a second ``train:`` block would quietly
+    replace the first one's settings.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict[Hashable, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, Hashable) and key in lines:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"key {key!r} appears twice (lines {lines[key]} and {line})",
+                    problem_mark=key_node.start_mark,
+                )
+            if isinstance(key, Hashable):
+                lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(path: Path) -> Any:
+    """A YAML file through :class:`UniqueKeyLoader`; errors become one line naming the spot."""
+    try:
+        return yaml.load(path.read_text(), Loader=UniqueKeyLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        raise ConfigError(f"{path} is not valid YAML: {where}: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} not found: run pneumo from the repository root")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    raw = load_yaml(path)
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
     return parse_params(raw)

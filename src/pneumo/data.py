@@ -16,6 +16,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from pneumo import paths
 from pneumo.config import AugmentConfig
+from pneumo.errors import UserError
+
+
+class CacheError(UserError):
+    """The preprocess cache is missing or inconsistent; rebuilding it is the remedy."""
 
 
 @dataclass(frozen=True)
@@ -32,11 +37,21 @@ class CachedSplit:
 
     @classmethod
     def load(cls, cache_dir: Path, split: str) -> CachedSplit:
-        manifest = pd.read_csv(cache_dir / paths.PROCESSED_MANIFEST.name)
+        files = (
+            cache_dir / paths.PROCESSED_MANIFEST.name,
+            cache_dir / paths.processed_images(split).name,
+        )
+        missing = [str(file) for file in files if not file.is_file()]
+        if missing:
+            raise CacheError(f"{missing} not found: run `pneumo preprocess` (or `dvc repro`)")
+        manifest = pd.read_csv(files[0])
         rows = manifest[manifest.split == split].sort_values("index").reset_index(drop=True)
-        images = np.load(cache_dir / paths.processed_images(split).name, mmap_mode="r")
+        images = np.load(files[1], mmap_mode="r")
         if len(images) != len(rows):
-            raise ValueError(f"cache for {split} is inconsistent: rerun `pneumo preprocess`")
+            raise CacheError(
+                f"the cache in {cache_dir} holds {len(images)} {split} images but its manifest "
+                f"lists {len(rows)}: rerun `pneumo preprocess`"
+            )
         return cls(images=images, targets=rows.target.to_numpy(np.int64), manifest=rows)
 
     def class_counts(self) -> tuple[int, int]:

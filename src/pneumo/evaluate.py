@@ -83,20 +83,55 @@ def predictions_frame(split: CachedSplit, views: list[str], per_view: np.ndarray
     return frame
 
 
-def _plots(test: pd.DataFrame, threshold: float, out_dir: Path, title: str) -> Path:
-    """ROC, precision-recall, calibration and confusion matrix as data files and one PNG."""
+def roc_panel(ax, y: np.ndarray, p: np.ndarray, threshold: float, auc: dict[str, float]):
+    """ROC curve named with its AUC and 95% interval, and the threshold's operating point."""
+    from sklearn.metrics import RocCurveDisplay
+
+    label = f"TTA, AUC {auc['value']:.3f} (95% CI {auc['ci_low']:.3f}–{auc['ci_high']:.3f})"
+    RocCurveDisplay.from_predictions(y, p, ax=ax, plot_chance_level=True)
+    ax.lines[0].set_label(label)
+    positive = p >= threshold
+    sensitivity, specificity = positive[y == 1].mean(), 1.0 - positive[y == 0].mean()
+    ax.plot(
+        1.0 - specificity,
+        sensitivity,
+        "o",
+        color="C3",
+        label=f"threshold {threshold:.3f}: sensitivity {sensitivity:.2f}, "
+        f"specificity {specificity:.2f}",
+    )
+    ax.legend(loc="lower right", fontsize=8)
+
+
+def pr_panel(ax, y: np.ndarray, p: np.ndarray):
+    """Precision-recall curve over the prevalence, the precision of flagging everyone."""
+    from sklearn.metrics import PrecisionRecallDisplay
+
+    PrecisionRecallDisplay.from_predictions(
+        y,
+        p,
+        ax=ax,
+        name="TTA",
+        plot_chance_level=True,
+        chance_level_kw={"label": f"prevalence {y.mean():.2f} (no skill)"},
+    )
+    ax.legend(loc="lower left", fontsize=8)
+
+
+def _plots(
+    test: pd.DataFrame, threshold: float, auc: dict[str, float], out_dir: Path, title: str
+) -> Path:
+    """ROC, precision-recall, calibration and confusion matrix as data files and one PNG.
+
+    ``auc`` is the test ROC AUC with its bootstrap interval (value, ci_low, ci_high), so the
+    figure and the metrics table show the same numbers.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.calibration import CalibrationDisplay, calibration_curve
-    from sklearn.metrics import (
-        ConfusionMatrixDisplay,
-        PrecisionRecallDisplay,
-        RocCurveDisplay,
-        precision_recall_curve,
-        roc_curve,
-    )
+    from sklearn.metrics import ConfusionMatrixDisplay, precision_recall_curve, roc_curve
 
     y, p = test.target.to_numpy(), test.probability.to_numpy()
     fpr, tpr, _ = roc_curve(y, p)
@@ -109,8 +144,8 @@ def _plots(test: pd.DataFrame, threshold: float, out_dir: Path, title: str) -> P
     )
 
     fig, axes = plt.subplots(2, 2, figsize=(9, 8))
-    RocCurveDisplay.from_predictions(y, p, ax=axes[0, 0], name="TTA", plot_chance_level=True)
-    PrecisionRecallDisplay.from_predictions(y, p, ax=axes[0, 1], name="TTA")
+    roc_panel(axes[0, 0], y, p, threshold, auc)
+    pr_panel(axes[0, 1], y, p)
     CalibrationDisplay.from_predictions(y, p, n_bins=10, strategy="quantile", ax=axes[1, 0])
     ConfusionMatrixDisplay.from_predictions(
         test.label, test.predicted, labels=list(CLASS_NAMES), ax=axes[1, 1], colorbar=False
@@ -191,7 +226,7 @@ def evaluate(params: Params, backbone: str, cache_dir: Path, model_dir: Path, ou
     val_frame = predictions_frame(splits["val"], cfg.tta, per_view["val"], threshold)
     test_frame.to_csv(out_dir / "predictions.csv", index=False)
     val_frame.to_csv(out_dir / "val_predictions.csv", index=False)
-    png = _plots(test_frame, threshold, out_dir, f"{backbone}: test split")
+    png = _plots(test_frame, threshold, test_metrics["roc_auc"], out_dir, f"{backbone}: test split")
     metrics_file = out_dir / "metrics.json"
     write_json_atomic(metrics_file, metrics)
 

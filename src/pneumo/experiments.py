@@ -16,9 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pneumo.config import flatten_mapping, parse_params
+from pneumo.config import flatten_mapping, load_yaml, parse_params
 from pneumo.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -46,14 +44,14 @@ def load_approach(name: str, folder: Path = APPROACHES_DIR) -> dict:
     if not file.is_file():
         known = sorted(p.stem for p in folder.glob("*.yaml"))
         raise ExperimentError(f"no approach {name!r} in {folder}; known: {known}")
-    overrides = yaml.safe_load(file.read_text()) or {}
+    overrides = load_yaml(file) or {}
     parent = overrides.pop("base", None)
     return _merge(load_approach(parent, folder), overrides) if parent else overrides
 
 
 def set_param_args(overrides: dict, params_file: Path = Path("params.yaml")) -> list[str]:
     """``-S key=value`` arguments, after checking the merged params are valid."""
-    base = yaml.safe_load(params_file.read_text())
+    base = load_yaml(params_file)
     parse_params(_merge(base, overrides))  # fail now, not inside a queued experiment
     args: list[str] = []
     for key, value in flatten_mapping(overrides).items():

@@ -6,7 +6,10 @@ Sources (``data.source``):
   naming, so the pipeline runs anywhere with no download;
 * ``kaggle``: the Kaggle data set, downloaded with kagglehub;
 * ``local``: a folder or a ``.zip`` in the Kaggle layout (``chest_xray/{train,val,test}/
-  {NORMAL,PNEUMONIA}``), nested copies and macOS debris included.
+  {NORMAL,PNEUMONIA}``), nested copies and macOS debris included. A folder holding symbolic
+  links is refused (they may point anywhere); an archive is refused when an entry would land
+  outside the target or exceeds ``data.limits``, checked on the central directory and again
+  on the bytes actually read.
 
 Output: ``data/raw/<split>/<CLASS>/<file>`` and ``data/raw/manifest.csv``. Everything is
 written to a temporary folder first and renamed into place at the end, so an interrupted or
@@ -21,6 +24,7 @@ import logging
 import os
 import re
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,7 +36,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from pneumo.config import CLASS_NAMES, DataConfig, SampleConfig
+from pneumo.config import CLASS_NAMES, DataConfig, SampleConfig, ZipLimits
 from pneumo.errors import UserError
 from pneumo.files import staged_dir
 from pneumo.images import IMAGE_SUFFIXES
@@ -42,10 +46,14 @@ from pneumo.phantoms import phantom
 log = logging.getLogger(__name__)
 
 IGNORED_NAMES = {".DS_Store", "Thumbs.db"}
+MB = 1 << 20
+RATIO_FLOOR_BYTES = MB  # smaller entries cannot inflate far enough to matter
 MANIFEST_COLUMNS = ["path", "split", "label", "patient", "sha256", "width", "height", "mode"]
 
+# personN counts separately for bacteria and virus (scripts/patient_keys.py shows it), so
+# person12_bacteria and person12_virus are two patients.
 _PATIENT_PATTERNS = (
-    re.compile(r"^(person\d+)_(?:bacteria|virus)_\d+", re.IGNORECASE),
+    re.compile(r"^(person\d+_(?:bacteria|virus))_\d+", re.IGNORECASE),
     re.compile(r"^(NORMAL2-IM-\d+)-\d+", re.IGNORECASE),
     re.compile(r"^(IM-\d+)-\d+", re.IGNORECASE),
 )
@@ -66,7 +74,11 @@ class Entry:
 
 
 def patient_id(filename: str) -> str:
-    """Patient id from a Kaggle file name; unknown patterns fall back to the file stem."""
+    """Patient id from a Kaggle file name; unknown patterns fall back to the file stem.
+
+    ``person12_virus_5`` → ``person12_virus``, ``IM-0115-0001`` → ``IM-0115``,
+    ``NORMAL2-IM-0427-0001`` → ``NORMAL2-IM-0427``.
+    """
     stem = PurePosixPath(filename).stem
     for pattern in _PATIENT_PATTERNS:
         match = pattern.match(stem)
@@ -80,9 +92,9 @@ def fetch(config: DataConfig, out_dir: Path, seed: int) -> pd.DataFrame:
     if config.source == "sample":
         entries = list(sample_entries(config.sample, seed))
     elif config.source == "kaggle":
-        entries = list(folder_entries(download_kaggle(config.kaggle_dataset)))
+        entries = folder_entries(download_kaggle(config.kaggle_dataset))
     else:
-        entries = list(local_entries(Path(config.local_path or "")))
+        entries = local_entries(Path(config.local_path or ""), config.limits)
     return write_raw(entries, out_dir)
 
 
@@ -124,35 +136,123 @@ def _encoder(seed: int, index: int, size: int, label: str) -> Callable[[], bytes
     return encode
 
 
-def local_entries(path: Path) -> Iterator[Entry]:
+def local_entries(path: Path, limits: ZipLimits) -> list[Entry]:
     if not path.exists():
         raise FetchError(f"data.local_path {str(path)!r} does not exist")
     if path.is_dir():
         return folder_entries(path)
     if zipfile.is_zipfile(path):
-        return zip_entries(path)
+        return zip_entries(path, limits)
+    with path.open("rb") as handle:
+        looks_like_zip = handle.read(4) == b"PK\x03\x04"
+    if looks_like_zip or path.suffix.lower() == ".zip":
+        raise _damaged(path, "its central directory is missing (truncated download?)")
     raise FetchError(f"data.local_path {str(path)!r} is neither a folder nor a .zip archive")
 
 
-def folder_entries(root: Path) -> Iterator[Entry]:
-    files = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
-    for rel, split, label in _kaggle_layout(list(files)):
-        yield Entry(split, label, PurePosixPath(rel).name, files[rel].read_bytes)
+def folder_entries(root: Path) -> list[Entry]:
+    found = sorted(root.rglob("*"))
+    links = [p.relative_to(root).as_posix() for p in found if p.is_symlink()]
+    if links:
+        raise FetchError(
+            f"{root} holds {len(links)} symbolic links, which fetch does not follow (they may "
+            f"point outside the folder): {links[:5]}; copy the files in instead"
+        )
+    files = {p.relative_to(root).as_posix(): p for p in found if p.is_file()}
+    return [
+        Entry(split, label, PurePosixPath(rel).name, files[rel].read_bytes)
+        for rel, split, label in _kaggle_layout(list(files))
+    ]
 
 
-def zip_entries(archive: Path) -> Iterator[Entry]:
-    # The handle stays open for the readers below; it closes when the last one is dropped.
-    zf = zipfile.ZipFile(archive)
-    names = [info.filename for info in zf.infolist() if not info.is_dir()]
-    unsafe = [name for name in names if _escapes(name)]
+def zip_entries(archive: Path, limits: ZipLimits) -> list[Entry]:
+    try:
+        # The handle stays open for the readers below; it closes when the last one is dropped.
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise _damaged(archive, str(exc)) from exc
+    infos = {info.filename: info for info in zf.infolist() if not info.is_dir()}
+    unsafe = [name for name in infos if _escapes(name)]
     if unsafe:
         zf.close()
         raise FetchError(
             f"{archive} holds entries that would be written outside the target folder "
             f"(absolute paths or '..'): {unsafe[:5]}; refusing the whole archive"
         )
-    for rel, split, label in _kaggle_layout(names):
-        yield Entry(split, label, PurePosixPath(rel).name, partial(zf.read, rel))
+    try:
+        check_declared_sizes(list(infos.values()), limits)
+    except FetchError as exc:
+        zf.close()
+        raise FetchError(f"{archive}: {exc}; refusing the whole archive") from None
+    budget = ReadBudget(limits)
+    return [
+        Entry(split, label, PurePosixPath(rel).name, partial(budget.read, archive, zf, infos[rel]))
+        for rel, split, label in _kaggle_layout(list(infos))
+    ]
+
+
+def _damaged(archive: Path, detail: str) -> FetchError:
+    return FetchError(f"{archive} is a damaged .zip archive ({detail}); download it again")
+
+
+def _limit_hint(key: str, value: float) -> str:
+    return f"data.limits.{key}={value:g} (raise it in params.yaml if you trust the archive)"
+
+
+def check_declared_sizes(infos: list[zipfile.ZipInfo], limits: ZipLimits) -> None:
+    """Refuse an archive whose central directory announces too much, before reading any."""
+    for info in infos:
+        if info.file_size > limits.max_entry_mb * MB:
+            raise FetchError(
+                f"entry {info.filename!r} unpacks to {info.file_size / MB:.1f} MB, more than "
+                + _limit_hint("max_entry_mb", limits.max_entry_mb)
+            )
+        ratio = info.file_size / max(info.compress_size, 1)
+        if info.file_size >= RATIO_FLOOR_BYTES and ratio > limits.max_compression_ratio:
+            raise FetchError(
+                f"entry {info.filename!r} is compressed {ratio:.0f}:1, more than "
+                + _limit_hint("max_compression_ratio", limits.max_compression_ratio)
+            )
+    total = sum(info.file_size for info in infos)
+    if total > limits.max_total_mb * MB:
+        raise FetchError(
+            f"its entries unpack to {total / MB:.0f} MB, more than "
+            + _limit_hint("max_total_mb", limits.max_total_mb)
+        )
+
+
+@dataclass
+class ReadBudget:
+    """What an archive may still yield, counted on the bytes actually decompressed.
+
+    Declared sizes are checked first (:func:`check_declared_sizes`), but they are only what
+    the archive claims: each read stops one byte past what the limits still allow.
+    """
+
+    limits: ZipLimits
+    used: int = 0
+
+    def read(self, archive: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+        entry_limit = int(self.limits.max_entry_mb * MB)
+        allowed = min(entry_limit, int(self.limits.max_total_mb * MB) - self.used)
+        try:
+            with zf.open(info) as handle:
+                data = handle.read(allowed + 1)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            raise _damaged(archive, f"entry {info.filename!r}: {exc}") from exc
+        except (NotImplementedError, RuntimeError) as exc:  # encrypted, unknown compression
+            raise FetchError(
+                f"{archive}: entry {info.filename!r} cannot be read ({exc}); repack the images "
+                "as a plain, unencrypted .zip"
+            ) from exc
+        if len(data) > allowed:
+            key = "max_entry_mb" if allowed == entry_limit else "max_total_mb"
+            raise FetchError(
+                f"{archive}: entry {info.filename!r} unpacks to more than "
+                + _limit_hint(key, getattr(self.limits, key))
+            )
+        self.used += len(data)
+        return data
 
 
 def _escapes(name: str) -> bool:

@@ -1,12 +1,14 @@
 """Turning an encoded image file into the model's input pixels.
 
-One function, :func:`prepare_image`, serves preprocess (building the cache), predict and the
-registered pyfunc model, so training and inference can never see differently prepared images.
+One function, :func:`prepare_image`, serves predict and the registered pyfunc model;
+preprocess calls its two steps, :func:`decode_grayscale` then :func:`fit_square`, to judge the
+decoded image in between. Training and inference can never see differently prepared images.
 """
 
 from __future__ import annotations
 
 import io
+import re
 from typing import Literal
 
 import numpy as np
@@ -14,6 +16,9 @@ from PIL import Image, ImageOps
 
 ResizeMethod = Literal["pad", "crop"]
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"})
+# Pillow names the buffer it read from, e.g. "<_io.BytesIO object at 0x7f…>": an address
+# that changes every run and would make preprocess's report differ between identical runs.
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 class ImageDecodeError(ValueError):
@@ -32,7 +37,8 @@ def decode_grayscale(data: bytes) -> np.ndarray:
             image.load()  # decodes fully: truncated files fail here, not later in training
             return _to_uint8_gray(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeError(f"{type(exc).__name__}: {exc}") from exc
+        reason = _OBJECT_REPR.sub("", str(exc))
+        raise ImageDecodeError(f"{type(exc).__name__}: {reason}") from exc
 
 
 def _to_uint8_gray(image: Image.Image) -> np.ndarray:

@@ -14,9 +14,14 @@ import numpy as np
 
 from pneumo import paths
 from pneumo.config import CLASS_NAMES
+from pneumo.errors import UserError
 from pneumo.images import IMAGE_SUFFIXES, ImageDecodeError, prepare_image
 
 INFERENCE_FILE = "inference.json"
+
+
+class PredictError(UserError):
+    """The model or the inputs to predict on cannot be used; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,7 @@ class InferenceConfig:
     def from_evaluation(cls, model_dir: Path, metrics_file: Path) -> InferenceConfig:
         meta = json.loads((model_dir / "meta.json").read_text())
         if not metrics_file.is_file():
-            raise FileNotFoundError(
+            raise PredictError(
                 f"{metrics_file} not found: run `dvc repro` (evaluate) so the model has its "
                 "validation-chosen threshold and TTA views"
             )
@@ -57,6 +62,11 @@ class Predictor:
     @classmethod
     def from_model_dir(cls, model_dir: Path) -> Predictor:
         """A local ``models/<backbone>`` folder, with its evaluation from reports/eval/."""
+        if not (model_dir / "meta.json").is_file():
+            raise PredictError(
+                f"{model_dir} is not a trained model folder (no meta.json): pass "
+                "--model models/<backbone> after `dvc repro`, or a models:/<name>@<alias> URI"
+            )
         backbone = json.loads((model_dir / "meta.json").read_text())["backbone"]
         metrics = paths.eval_report_dir(backbone) / "metrics.json"
         return cls(model_dir, InferenceConfig.from_evaluation(model_dir, metrics))
@@ -92,13 +102,22 @@ class Predictor:
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:
-    """Files as given; folders contribute their image files, recursively and sorted."""
+    """Files as given; folders contribute their image files, recursively and sorted.
+
+    A folder without any image file is an error: predicting nothing and exiting 0 would
+    hide a wrong path.
+    """
     files: list[Path] = []
     for item in inputs:
-        if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
+        if not item.is_dir():
             files.append(item)
+            continue
+        images = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise PredictError(
+                f"{item} holds no image files (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
+        files += images
     return files
 
 
@@ -115,13 +134,12 @@ def load_predictor(params, model: str | None) -> Predictor:
     try:
         return mlflow.pyfunc.load_model(uri).unwrap_python_model().predictor
     except mlflow.exceptions.MlflowException as exc:
-        from pneumo.errors import UserError
-
-        raise UserError(
+        raise PredictError(
             f"cannot load {uri} from {mlflow.get_tracking_uri()}: {exc.message}. "
             "Run `dvc repro` and `pneumo promote`, or pass --model models/<backbone>"
         ) from exc
 
 
 def predict_paths(params, inputs: list[Path], model: str | None) -> list[dict]:
-    return load_predictor(params, model).predict_files(expand_inputs(inputs))
+    files = expand_inputs(inputs)  # first: a wrong path fails before a model is loaded
+    return load_predictor(params, model).predict_files(files)

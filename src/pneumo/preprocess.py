@@ -3,6 +3,9 @@
 * The official test split is kept as it is. The official train and val splits are pooled and
   re-split into train/val grouped by patient and stratified by label, because the official
   val split has only 16 images and a patient's images must never sit on both sides.
+* Unreadable images, images whose shorter side is below ``data.min_image_side`` and images
+  of one flat colour are excluded and listed with their reason; together they may make up
+  at most ``data.max_bad_fraction`` of the raw images.
 * Byte-identical copies are removed from the pool (keeping one), as are pool images that are
   byte-identical to a test image or belong to a test patient.
 * Each split is stored as one ``(N, size, size)`` uint8 array, so training reads pixels
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from itertools import combinations
@@ -23,10 +27,10 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 from tqdm import tqdm
 
-from pneumo.config import CLASS_NAMES, DataConfig
+from pneumo.config import CLASS_NAMES, DataConfig, val_folds
 from pneumo.errors import UserError
 from pneumo.files import staged_dir
-from pneumo.images import ImageDecodeError, ResizeMethod, prepare_image
+from pneumo.images import ImageDecodeError, ResizeMethod, decode_grayscale, fit_square
 from pneumo.paths import SPLITS
 
 log = logging.getLogger(__name__)
@@ -36,31 +40,48 @@ class PreprocessError(UserError):
     """The raw data cannot be turned into a trustworthy cache; the message says why."""
 
 
-def _prepare_file(path: Path, size: int, method: ResizeMethod) -> np.ndarray | str:
+Exclusion = tuple[str, str]  # (kind, reason): kind is unreadable, too_small or constant
+
+
+def _prepare_file(
+    path: Path, size: int, method: ResizeMethod, min_side: int
+) -> np.ndarray | Exclusion:
+    """Cache pixels, or why the file cannot teach anything: unreadable, tiny or blank."""
     try:
-        return prepare_image(path.read_bytes(), size, method)
+        pixels = decode_grayscale(path.read_bytes())
     except (ImageDecodeError, OSError) as exc:
-        return str(exc)
+        return "unreadable", str(exc)
+    height, width = pixels.shape
+    if min(height, width) < min_side:
+        return "too_small", f"{width}x{height} px, below data.min_image_side={min_side}"
+    if pixels.min() == pixels.max():
+        return "constant", f"every pixel is {pixels.min()}: no image content"
+    return fit_square(pixels, size, method)
 
 
 def decode_all(
-    raw_dir: Path, paths: list[str], size: int, method: ResizeMethod, workers: int
-) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Decode every file; returns pixels by path and the reason for each failure."""
-    work = partial(_prepare_file, size=size, method=method)
+    raw_dir: Path, paths: list[str], config: DataConfig, workers: int
+) -> tuple[dict[str, np.ndarray], dict[str, Exclusion]]:
+    """Decode every file; returns pixels by path and, for each excluded file, why."""
+    work = partial(
+        _prepare_file,
+        size=config.image_size,
+        method=config.resize,
+        min_side=config.min_image_side,
+    )
     files = [raw_dir / p for p in paths]
     pixels: dict[str, np.ndarray] = {}
-    errors: dict[str, str] = {}
+    excluded: dict[str, Exclusion] = {}
     with ProcessPoolExecutor(max_workers=workers) as pool:
         results = pool.map(work, files, chunksize=64)
         for path, result in tqdm(
             zip(paths, results, strict=True), total=len(paths), desc="decode", mininterval=2.0
         ):
-            if isinstance(result, str):
-                errors[path] = result
+            if isinstance(result, tuple):
+                excluded[path] = result
             else:
                 pixels[path] = result
-    return pixels, errors
+    return pixels, excluded
 
 
 def deduplicate(manifest: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
@@ -83,7 +104,7 @@ def split_by_patient(
     pool: pd.DataFrame, val_fraction: float, seed: int
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Patient-grouped, label-stratified train/val split of the pooled rows."""
-    n_splits = max(2, round(1.0 / val_fraction))
+    n_splits = val_folds(val_fraction)
     if pool.patient.nunique() < n_splits:
         raise PreprocessError(
             f"only {pool.patient.nunique()} patients in train+val: too few for "
@@ -107,18 +128,21 @@ def preprocess(
 ) -> dict:
     """Build the cache in ``out_dir`` from ``raw_dir``; returns the report."""
     manifest = pd.read_csv(raw_dir / "manifest.csv")
-    pixels, errors = decode_all(
-        raw_dir, manifest.path.tolist(), config.image_size, config.resize, workers
-    )
-    bad_fraction = len(errors) / max(len(manifest), 1)
-    excluded = [{"path": p, "reason": r} for p, r in sorted(errors.items())]
+    pixels, exclusions = decode_all(raw_dir, manifest.path.tolist(), config, workers)
+    bad_fraction = len(exclusions) / max(len(manifest), 1)
+    excluded = [
+        {"path": path, "kind": kind, "reason": reason}
+        for path, (kind, reason) in sorted(exclusions.items())
+    ]
     if bad_fraction > config.max_bad_fraction:
-        listing = "\n  ".join(f"{e['path']}: {e['reason']}" for e in excluded[:10])
+        kinds = Counter(kind for kind, _ in exclusions.values())
+        listing = "\n  ".join(f"{e['path']}: {e['kind']}: {e['reason']}" for e in excluded[:10])
         raise PreprocessError(
-            f"{len(errors)} of {len(manifest)} images ({bad_fraction:.1%}) cannot be read, "
-            f"more than data.max_bad_fraction={config.max_bad_fraction}:\n  {listing}"
+            f"{len(exclusions)} of {len(manifest)} images ({bad_fraction:.1%}) are excluded "
+            f"({', '.join(f'{kind}: {n}' for kind, n in sorted(kinds.items()))}), more than "
+            f"data.max_bad_fraction={config.max_bad_fraction}:\n  {listing}"
         )
-    readable = manifest[~manifest.path.isin(errors)]
+    readable = manifest[~manifest.path.isin(exclusions)]
     deduped, duplicates = deduplicate(readable)
     train, val = split_by_patient(deduped[deduped.split != "test"], config.val_fraction, seed)
     splits = {"train": train, "val": val, "test": deduped[deduped.split == "test"]}
@@ -175,6 +199,7 @@ def _report(
             split: round(c["PNEUMONIA"] / max(sum(c.values()), 1), 4) for split, c in counts.items()
         },
         "patients": {split: int(f.patient.nunique()) for split, f in cache.groupby("split")},
+        "excluded_counts": dict(sorted(Counter(e["kind"] for e in excluded).items())),
         "excluded": excluded,
         "duplicates_removed": duplicates,
         "overlap": overlap,
