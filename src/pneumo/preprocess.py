@@ -10,12 +10,16 @@
   byte-identical to a test image or belong to a test patient.
 * Each split is stored as one ``(N, size, size)`` uint8 array, so training reads pixels
   without decoding a JPEG per epoch; ``manifest.csv`` maps rows back to files and patients.
+  Decoded rows go to disk as they come and the arrays are assembled row by row, so memory
+  does not grow with the data set (training memory-maps the arrays).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
@@ -59,29 +63,52 @@ def _prepare_file(
     return fit_square(pixels, size, method)
 
 
+DECODE_FILES_PER_WORKER = 64  # in flight at once: bounds memory whatever the data set size
+
+
 def decode_all(
-    raw_dir: Path, paths: list[str], config: DataConfig, workers: int
-) -> tuple[dict[str, np.ndarray], dict[str, Exclusion]]:
-    """Decode every file; returns pixels by path and, for each excluded file, why."""
+    raw_dir: Path, paths: list[str], config: DataConfig, workers: int, rows_file: Path
+) -> dict[str, Exclusion]:
+    """Decode every file in parallel into ``rows_file``, one ``size * size`` byte row per
+    path in order (zeros for an excluded file); returns why each excluded file was excluded.
+
+    Rows go to disk as they come, a window of files per worker at a time, so memory stays
+    flat however many images there are.
+    """
     work = partial(
         _prepare_file,
         size=config.image_size,
         method=config.resize,
         min_side=config.min_image_side,
     )
-    files = [raw_dir / p for p in paths]
-    pixels: dict[str, np.ndarray] = {}
+    blank = np.zeros((config.image_size, config.image_size), np.uint8)
     excluded: dict[str, Exclusion] = {}
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(work, files, chunksize=64)
-        for path, result in tqdm(
-            zip(paths, results, strict=True), total=len(paths), desc="decode", mininterval=2.0
-        ):
-            if isinstance(result, tuple):
-                excluded[path] = result
-            else:
-                pixels[path] = result
-    return pixels, excluded
+    with (
+        ProcessPoolExecutor(max_workers=workers) as pool,
+        rows_file.open("wb") as rows,
+        tqdm(total=len(paths), desc="decode", mininterval=2.0) as progress,
+    ):
+        step = DECODE_FILES_PER_WORKER * workers
+        for start in range(0, len(paths), step):
+            window = paths[start : start + step]
+            results = pool.map(work, [raw_dir / p for p in window], chunksize=16)
+            for path, result in zip(window, results, strict=True):
+                if isinstance(result, tuple):
+                    excluded[path] = result
+                rows.write((blank if isinstance(result, tuple) else result).tobytes())
+            progress.update(len(window))
+    return excluded
+
+
+def write_array(rows_file: Path, rows: np.ndarray, size: int, target: Path) -> None:
+    """``rows`` of ``rows_file`` as a ``(len(rows), size, size)`` uint8 .npy file, copied one
+    row at a time (the header is the one ``np.save`` writes, so readers see a plain array)."""
+    row_bytes = size * size
+    header = {"descr": "|u1", "fortran_order": False, "shape": (len(rows), size, size)}
+    with rows_file.open("rb") as source, target.open("wb") as out:
+        np.lib.format.write_array_header_1_0(out, header)
+        for row in rows:
+            out.write(os.pread(source.fileno(), row_bytes, int(row) * row_bytes))
 
 
 def deduplicate(manifest: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
@@ -127,8 +154,23 @@ def preprocess(
     config: DataConfig, raw_dir: Path, out_dir: Path, seed: int, workers: int = 2
 ) -> dict:
     """Build the cache in ``out_dir`` from ``raw_dir``; returns the report."""
-    manifest = pd.read_csv(raw_dir / "manifest.csv")
-    pixels, exclusions = decode_all(raw_dir, manifest.path.tolist(), config, workers)
+    manifest = pd.read_csv(raw_dir / "manifest.csv")  # row i of the decoded rows is line i
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".decoded-", dir=out_dir.parent) as tmp:
+        rows_file = Path(tmp) / "rows.u8"
+        exclusions = decode_all(raw_dir, manifest.path.tolist(), config, workers, rows_file)
+        return _build_cache(config, manifest, exclusions, rows_file, out_dir, seed)
+
+
+def _build_cache(
+    config: DataConfig,
+    manifest: pd.DataFrame,
+    exclusions: dict[str, Exclusion],
+    rows_file: Path,
+    out_dir: Path,
+    seed: int,
+) -> dict:
+    """Check exclusions, de-duplicate, split, and write the cache from the decoded rows."""
     bad_fraction = len(exclusions) / max(len(manifest), 1)
     excluded = [
         {"path": path, "kind": kind, "reason": reason}
@@ -153,13 +195,12 @@ def preprocess(
     with staged_dir(out_dir) as staging:
         rows = []
         for name in SPLITS:
-            frame = splits[name].sort_values("path").reset_index(drop=True)
-            array = (
-                np.stack([pixels[p] for p in frame.path])
-                if len(frame)
-                else np.zeros((0, config.image_size, config.image_size), np.uint8)
-            )
-            np.save(staging / f"{name}_images.npy", array)
+            frame = splits[name].sort_values("path")
+            write_array(
+                rows_file, frame.index.to_numpy(), config.image_size,
+                staging / f"{name}_images.npy",
+            )  # fmt: skip
+            frame = frame.reset_index(drop=True)
             rows.append(
                 frame.assign(
                     source_split=frame.split,

@@ -338,7 +338,9 @@ def fit(
         stats = train_one_epoch(
             model, train_loader, loss_fn, optimizer, device, precision, scaler, augment, world
         )
-        stats |= evaluate(model, val_loader, loss_fn, device, precision, world)
+        # The plain module: DDP's forward would synchronise buffers across processes at
+        # every validation batch, and the processes' shards may differ by one batch.
+        stats |= evaluate(net, val_loader, loss_fn, device, precision, world)
         stats |= {"epoch": epoch, "lr": lr}
         result.history.append(stats)
         log.info(

@@ -1,0 +1,308 @@
+"""Real-scale training: memory that stays flat, batch augmentation, samplers, resume, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pneumo.config import AugmentConfig, parse_params
+from pneumo.data import BalancedSampler, batch_augmentation, train_sampler
+from pneumo.preprocess import write_array
+from tests.conftest import TINY_PARAMS, jpeg_bytes, write_tree
+
+# VmHWM, not getrusage's ru_maxrss: the latter keeps the forking parent's (pytest's) peak.
+PEAK_RSS = (
+    "import re, sys\n"
+    "from pathlib import Path\n"
+    "from pneumo.cli import main\n"
+    "try:\n"
+    "    main(sys.argv[1:])\n"
+    "except SystemExit as done:\n"
+    "    assert not done.code, done.code\n"
+    "status = Path('/proc/self/status').read_text()\n"
+    "print('peak_kib', re.search(r'VmHWM:\\s+(\\d+) kB', status).group(1))\n"
+)
+
+
+def _kaggle_folder(root: Path, images: int, size: int) -> Path:
+    """``images`` distinct noise JPEGs in the Kaggle layout, four per patient."""
+    files = {}
+    for i in range(images):
+        patient = i // 8
+        split = ("train", "train", "train", "test", "train", "train", "val", "test")[patient % 8]
+        if i % 2:
+            name = f"{split}/PNEUMONIA/person{patient}_virus_{i}.jpeg"
+        else:
+            name = f"{split}/NORMAL/IM-{patient:04d}-{i:04d}.jpeg"
+        files[f"chest_xray/{name}"] = jpeg_bytes(i, size=size)
+    return write_tree(root, files)
+
+
+def _preprocess_peak_mib(project: Path, images: int) -> float:
+    """Peak RSS of the process that runs `pneumo preprocess` (decoding runs in a worker)."""
+    project.mkdir()
+    source = _kaggle_folder(project / "source", images, size=256)
+    params = {
+        "data": {"source": "local", "local_path": str(source), "image_size": 256},
+        "tracking": {"experiment": "tests"},
+    }
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    for command in (["fetch"], ["preprocess", "--workers", "1"]):
+        done = subprocess.run(
+            [sys.executable, "-c", PEAK_RSS, *command], cwd=project, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+    counts = json.loads((project / "data/processed/report.json").read_text())["cached_images"]
+    assert counts == images
+    return int(done.stdout.split("peak_kib")[-1]) / 1024
+
+
+@pytest.mark.slow
+def test_preprocess_memory_does_not_grow_with_the_number_of_images(tmp_path):
+    small = _preprocess_peak_mib(tmp_path / "small", 400)
+    large = _preprocess_peak_mib(tmp_path / "large", 1600)
+    # 1,200 more images of 256x256 are 79 MB of pixels: holding them (twice, as the
+    # previous cache writer did) would add well over 100 MB.
+    assert large - small < 30, (small, large)
+
+
+def test_cache_arrays_are_written_row_by_row_as_numpy_would(tmp_path):
+    rows = np.random.default_rng(0).integers(0, 256, (10, 8, 8), dtype=np.uint8)
+    rows.tofile(tmp_path / "rows.u8")
+    picks = np.array([7, 2, 2, 9])
+    write_array(tmp_path / "rows.u8", picks, 8, tmp_path / "picked.npy")
+    np.save(tmp_path / "reference.npy", rows[picks])
+    assert (tmp_path / "picked.npy").read_bytes() == (tmp_path / "reference.npy").read_bytes()
+
+
+RECIPE = AugmentConfig(
+    rotation=15, hflip=True, translate=0.1, brightness=0.2, contrast=0.2, blur_sigma=1.0,
+    crop_scale=0.8,
+)  # fmt: skip
+
+
+def _gradient_batch(n: int, size: int = 32) -> torch.Tensor:
+    row = torch.linspace(0, 255, size).to(torch.uint8)
+    return row.repeat(n, 1, size, 1)  # a left-to-right ramp: flips and shifts show
+
+
+def test_batch_augmentation_draws_its_parameters_per_sample():
+    torch.manual_seed(0)
+    out = batch_augmentation(RECIPE, size=32)(_gradient_batch(16))
+    assert out.shape == (16, 1, 32, 32) and out.dtype == torch.float32
+    assert 0.0 <= out.min() and out.max() <= 255.0
+    flat = out.flatten(1)
+    distinct = {tuple(row.round().tolist()) for row in flat}
+    assert len(distinct) == 16  # identical inputs, sixteen different outputs
+
+
+def test_batch_augmentation_repeats_with_the_seed_and_is_off_when_switched_off():
+    batch = _gradient_batch(8)
+    augment = batch_augmentation(RECIPE, size=32)
+    torch.manual_seed(1)
+    first = augment(batch)
+    torch.manual_seed(1)
+    assert torch.equal(first, augment(batch))
+    off = AugmentConfig(
+        rotation=0, hflip=False, translate=0, brightness=0, contrast=0, crop_scale=1.0
+    )
+    assert torch.equal(batch_augmentation(off, size=32)(batch), batch)
+
+
+def test_each_augmentation_has_the_recipe_semantics_per_sample():
+    batch = _gradient_batch(256)
+    torch.manual_seed(2)
+    flip = AugmentConfig(rotation=0, hflip=True, translate=0, brightness=0, contrast=0,
+                         crop_scale=1.0)  # fmt: skip
+    flipped = batch_augmentation(flip, size=32)(batch)
+    mirrored = (flipped[:, 0, 0, 0] > flipped[:, 0, 0, -1]).float().mean()
+    assert 0.35 < mirrored < 0.65  # p = 0.5, drawn per image
+    bright = AugmentConfig(rotation=0, hflip=False, translate=0, brightness=0.2, contrast=0,
+                           crop_scale=1.0)  # fmt: skip
+    ratio = batch_augmentation(bright, size=32)(batch).mean((1, 2, 3)) / batch.float().mean()
+    assert 0.79 < ratio.min() and ratio.max() < 1.21  # factor in [0.8, 1.2] ...
+    assert ratio.std() > 0.05  # ... drawn for each image, not once per batch
+
+
+def test_balanced_sampler_shards_one_draw_between_processes():
+    targets = np.array([0] * 30 + [1] * 90)
+    single = BalancedSampler(targets, seed=5)
+    shards = [BalancedSampler(targets, seed=5, rank=r, world=2) for r in range(2)]
+    for sampler in (single, *shards):
+        sampler.set_epoch(3)
+    draws = list(single)
+    assert sorted(draws) == sorted(list(shards[0]) + list(shards[1]))
+    assert list(shards[0]) == draws[0::2] and list(shards[1]) == draws[1::2]
+    assert abs(np.mean(targets[draws]) - 0.5) < 0.15  # classes drawn equally often
+    single.set_epoch(4)
+    assert list(single) != draws
+
+
+def test_unbalanced_training_shuffles_anew_each_epoch():
+    sampler = train_sampler(np.zeros(50, int), seed=1, balanced=False)
+    sampler.set_epoch(1)
+    first = list(sampler)
+    sampler.set_epoch(2)
+    assert sorted(first) == list(range(50)) and list(sampler) != first
+
+
+@pytest.mark.parametrize(
+    ("train", "key"),
+    [
+        ({"device": "gpu"}, "train.device"),
+        ({"device": "cuda:x"}, "train.device"),
+        ({"amp": True}, "train.amp"),
+        ({"amp": "fp8"}, "train.amp"),
+        ({"compile": "yes"}, "train.compile"),
+        ({"num_workers": "many"}, "train.num_workers"),
+        ({"nproc": 0}, "train.nproc"),
+        ({"nproc": 3, "batch_size": 32}, "train"),
+        ({"nproc": 2, "device": "cuda:1"}, "train"),
+    ],
+)
+def test_invalid_device_settings_are_named(train, key):
+    raw = json.loads(json.dumps(TINY_PARAMS))
+    raw["train"] |= train
+    with pytest.raises(Exception, match=rf"(?s){key}"):
+        parse_params(raw)
+
+
+def test_device_settings_are_in_the_schema():
+    from pneumo.config import TrainConfig
+
+    fields = TrainConfig.model_json_schema()["properties"]
+    assert {"device", "amp", "compile", "num_workers", "resume", "nproc"} <= fields.keys()
+    for device in ("auto", "cpu", "cuda", "cuda:3", "mps"):
+        assert parse_params({"train": {"device": device}}).train.device == device
+
+
+# --- resume and torchrun: whole `pneumo train` processes on the tiny project ------------------
+
+
+def _write_params(project: Path, **train) -> None:
+    raw = json.loads(json.dumps(TINY_PARAMS))
+    raw["train"] |= train
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+
+
+def _pneumo(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "pneumo", *args], cwd=cwd, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs,
+    )  # fmt: skip
+
+
+def _state_epoch(project: Path) -> int:
+    states = list((project / ".pneumo/resume").glob("resnet50-*.pt"))
+    if not states:
+        return 0
+    try:
+        return torch.load(states[0], weights_only=True)["epoch"]
+    except (RuntimeError, EOFError, OSError):  # replaced while we read it
+        return 0
+
+
+def _runs(project: Path) -> list:
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["tests"], output_format="list")
+
+
+@pytest.mark.slow
+def test_training_killed_after_an_epoch_resumes_to_the_identical_checkpoint(tiny_project, tmp_path):
+    import shutil
+
+    epochs = 4
+    uninterrupted, killed = tmp_path / "uninterrupted", tmp_path / "killed"
+    for project in (uninterrupted, killed):
+        shutil.copytree(tiny_project, project)
+        shutil.rmtree(project / "models")
+        (project / "mlflow.db").unlink()
+        _write_params(project, epochs=epochs, patience=epochs)
+    assert _pneumo("train", "resnet50", cwd=uninterrupted).wait() == 0
+
+    process = _pneumo("train", "resnet50", cwd=killed)
+    deadline = time.monotonic() + 300
+    while _state_epoch(killed) < 1 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    stopped_after = _state_epoch(killed)
+    assert 1 <= stopped_after < epochs, "the kill came too late to test resuming"
+    assert not (killed / "models/resnet50").exists()
+    [interrupted] = _runs(killed)
+    assert interrupted.info.status == "RUNNING"  # what SIGKILL leaves behind
+
+    rerun = _pneumo("train", "resnet50", cwd=killed)
+    output = rerun.communicate()[0]
+    assert rerun.returncode == 0, output
+    assert f"resuming after epoch {stopped_after}" in output
+
+    reference = torch.load(uninterrupted / "models/resnet50/model.pt", weights_only=True)
+    resumed = torch.load(killed / "models/resnet50/model.pt", weights_only=True)
+    assert reference.keys() == resumed.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(tensor, resumed[name]), name
+    for report in ("reports/history/resnet50.csv", "reports/train/resnet50/metrics.json"):
+        assert (killed / report).read_text() == (uninterrupted / report).read_text()
+    assert not list((killed / ".pneumo/resume").glob("*.pt"))  # finished: state removed
+
+    runs = {run.info.run_id: run for run in _runs(killed)}
+    assert runs[interrupted.info.run_id].info.status == "KILLED"
+    [resumed_run] = [run for run in runs.values() if run.info.status == "FINISHED"]
+    assert resumed_run.data.tags["resumed_from_epoch"] == str(stopped_after)
+    assert resumed_run.data.tags["resumed_from_run"] == interrupted.info.run_id
+    history = mlflow.MlflowClient().get_metric_history(resumed_run.info.run_id, "val_loss")
+    assert [m.step for m in history] == list(range(1, epochs + 1))
+
+
+@pytest.mark.slow
+def test_a_state_from_other_settings_is_never_resumed(project_copy):
+    _write_params(project_copy, epochs=2, lr=0.01)
+    process = _pneumo("train", "resnet50", cwd=project_copy)
+    while _state_epoch(project_copy) < 1 and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    _write_params(project_copy, epochs=2, lr=0.002)
+    rerun = _pneumo("train", "resnet50", cwd=project_copy)
+    output = rerun.communicate()[0]
+    assert rerun.returncode == 0, output
+    assert "resuming" not in output and "removing resume state of other settings" in output
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_cpu_processes_trains_and_writes_once(tiny_project, tmp_path):
+    import shutil
+
+    results = {}
+    for nproc in (1, 2):
+        project = tmp_path / f"nproc{nproc}"
+        shutil.copytree(tiny_project, project)
+        shutil.rmtree(project / "models")
+        (project / "mlflow.db").unlink()
+        _write_params(project, epochs=3, patience=3, nproc=nproc, device="cpu")
+        done = _pneumo("train", "resnet50", cwd=project)
+        output = done.communicate(timeout=900)[0]
+        assert done.returncode == 0, output
+        assert [p.name for p in (project / "models").iterdir()] == ["resnet50"]
+        assert list((project / "models/resnet50").glob("*.pt")) == [
+            project / "models/resnet50/model.pt"
+        ]
+        [run] = _runs(project)
+        assert run.data.params["world_size"] == str(nproc)
+        results[nproc] = json.loads((project / "reports/train/resnet50/metrics.json").read_text())
+    # Same global batch, same draws: only BatchNorm sees per-process halves of each batch.
+    assert results[2]["epochs_run"] == results[1]["epochs_run"]
+    assert abs(results[2]["best_val_auc"] - results[1]["best_val_auc"]) < 0.2, results
