@@ -306,3 +306,40 @@ def test_torchrun_with_two_cpu_processes_trains_and_writes_once(tiny_project, tm
     # Same global batch, same draws: only BatchNorm sees per-process halves of each batch.
     assert results[2]["epochs_run"] == results[1]["epochs_run"]
     assert abs(results[2]["best_val_auc"] - results[1]["best_val_auc"]) < 0.2, results
+
+
+@pytest.mark.slow
+def test_a_killed_dvc_repro_continues_training_where_it_stopped(tmp_path):
+    """The whole job killed mid-training (DVC and its stage); `dvc repro` resumes the stage."""
+    from tests.conftest import copy_repository
+
+    repo = copy_repository(tmp_path / "repo")
+    raw = json.loads(json.dumps(TINY_PARAMS))
+    raw["backbones"] = ["resnet50"]
+    raw["train"] |= {"epochs": 4, "patience": 4}
+    # Every key spelled out: DVC reads the params each stage declares from the file itself.
+    (repo / "params.yaml").write_text(yaml.safe_dump(parse_params(raw).model_dump(mode="json")))
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("DVC_ROOT", None)
+    job = subprocess.Popen(
+        ["dvc", "repro", "train@resnet50"], cwd=repo, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 600
+    while _state_epoch(repo) < 1 and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job.poll() is None, "dvc repro ended before its first epoch was saved"
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    stopped_after = _state_epoch(repo)
+    assert 1 <= stopped_after < 4, "the kill came too late to test resuming"
+
+    rerun = subprocess.run(
+        ["dvc", "repro", "train@resnet50"], cwd=repo, env=env, capture_output=True, text=True
+    )
+    output = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, output
+    assert f"resuming after epoch {stopped_after}" in output
+    assert "Running stage 'fetch'" not in output  # finished stages stay done
+    history = (repo / "reports/history/resnet50.csv").read_text().splitlines()
+    assert len(history) == 1 + 4
