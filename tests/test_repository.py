@@ -78,3 +78,16 @@ def test_every_stage_takes_its_params_from_the_validated_file():
         if name not in ("validate", "readme"):
             files = [next(iter(item)) for item in stage["params"]]
             assert files == [str(paths.RESOLVED_PARAMS)], name
+
+
+def test_training_curve_plots_overlay_every_backbone():
+    backbones = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["backbones"]
+    plots = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["plots"]
+    columns = set()
+    for plot in plots:
+        (definition,) = plot.values()
+        assert definition["x"] == "epoch"
+        assert set(definition["y"]) == {str(paths.history_csv(b)) for b in backbones}
+        (column,) = set(definition["y"].values())  # one quantity per plot
+        columns.add(column)
+    assert columns == {"val_auc", "val_loss", "train_loss"}

@@ -219,6 +219,18 @@ def readme() -> None:
 
 
 @main.command()
+@click.option(
+    "-o", "--out", default="dvc_plots", show_default=True,
+    type=click.Path(file_okay=False, path_type=Path), help="Folder of the HTML page.",
+)  # fmt: skip
+def plots(out: Path) -> None:
+    """`dvc plots show` into a page that needs no network (Vega libraries inline)."""
+    from pneumo.plots import show
+
+    click.echo(f"open {show(out, paths.PLOTS_TEMPLATE)}")
+
+
+@main.command()
 @click.option("--version", "version", default=None, help="Promote this version, not @challenger.")
 @click.option("--force", is_flag=True, help="Promote even if the gate finds a regression.")
 @click.pass_context

@@ -24,6 +24,7 @@ COMPARISON_ROC_PNG = REPORTS_DIR / "comparison_roc.png"
 EXPERIMENTS_JSON = REPORTS_DIR / "experiments.json"
 EXPERIMENTS_MD = REPORTS_DIR / "experiments.md"
 README = Path("README.md")
+PLOTS_TEMPLATE = Path(".pneumo/plots-template.html")  # git-ignored, written by `pneumo plots`
 
 SPLITS = ("train", "val", "test")
 
