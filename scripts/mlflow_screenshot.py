@@ -5,14 +5,14 @@ Needs Debian's `chromium` (apt-get install chromium) and a `dvc repro` already r
     python scripts/mlflow_screenshot.py docs/img/mlflow-compare.png
 
 It starts `mlflow server` on a free loopback port against the project's database, opens the
-run-comparison page of the runs named in models/*/meta.json in headless Chromium and saves
-a PNG. Everything it starts, it stops.
+experiment's chart view of the runs named in the model cards (models/*/meta.json), in
+MLflow's classic "model training" mode rather than the GenAI one, in headless Chromium and
+saves a PNG. Everything it starts, it stops.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import socket
 import subprocess
@@ -22,6 +22,8 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from pneumo.records import ModelCard
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -64,15 +66,19 @@ def main() -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         raise SystemExit("chromium not found: apt-get install chromium")
-    metas = [json.loads(p.read_text()) for p in sorted(Path("models").glob("*/meta.json"))]
-    if not metas or not args.db.is_file():
+    cards = [
+        ModelCard.read(folder)
+        for folder in sorted(Path("models").glob("*"))
+        if ModelCard.path(folder).is_file()
+    ]
+    if not cards or not args.db.is_file():
         raise SystemExit("no trained models or no mlflow.db: run `dvc repro` first")
 
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{args.db.resolve()}")
-    run_ids = [m["mlflow_run_id"] for m in metas]
-    experiment_ids = sorted({mlflow.get_run(r).info.experiment_id for r in run_ids})
+    run_ids = [card.mlflow_run_id for card in cards]
+    (experiment_id,) = {mlflow.get_run(r).info.experiment_id for r in run_ids}
 
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
@@ -85,9 +91,13 @@ def main() -> None:
     try:
         _wait_healthy(base, server)
         query = urllib.parse.urlencode(
-            {"runs": json.dumps(run_ids), "experiments": json.dumps(experiment_ids)}
+            {
+                "compareRunsMode": "CHART",
+                "workflowType": "machine_learning",
+                "searchFilter": f"attributes.run_id IN ({', '.join(map(repr, run_ids))})",
+            }
         )
-        url = f"{base}/#/compare-runs?{query}"
+        url = f"{base}/#/experiments/{experiment_id}/runs?{query}"
         args.output.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as profile:
             subprocess.run(

@@ -14,6 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pneumo.compare import CompareError, update_readme_block
+from pneumo.records import Evaluation
 from tests.conftest import run_cli
 
 NAME = "pneumo-classifier"
@@ -30,9 +31,12 @@ def test_evaluations_of_different_caches_are_not_compared(in_tmp):
     for backbone, data_hash in (("resnet50", "aaa"), ("densenet121", "bbb")):
         folder = in_tmp / "reports/eval" / backbone
         folder.mkdir(parents=True)
-        (folder / "metrics.json").write_text(json.dumps({"data_hash": data_hash}))
-        for name in ("predictions.csv", "val_predictions.csv"):
-            predictions.to_csv(folder / name, index=False)
+        Evaluation(
+            backbone=backbone, threshold=0.5, threshold_rule="0.5", tta_views=["identity"],
+            test={}, test_no_tta={}, val={}, tta_gain={}, n_test=1, n_val=1, data_hash=data_hash,
+        ).write(folder)  # fmt: skip
+        for split in ("test", "val"):
+            predictions.to_csv(Evaluation.predictions(folder, split), index=False)
     result = run_cli("compare", "--no-register", params={"backbones": ["resnet50", "densenet121"]})
     assert result.exit_code == 1
     assert "different preprocess caches" in result.output and "'bbb'" in result.output

@@ -1,8 +1,10 @@
 """End to end: `dvc repro` on the embedded default in a temporary copy of the repository,
-then promotion, prediction, plots and a `dvc exp run` that reruns only what it must."""
+then promotion, prediction, plots, a `dvc exp run` that reruns only what it must, and one
+with a bad value that stops before anything is removed."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -19,13 +21,16 @@ from tests.conftest import REPO_ROOT, copy_repository
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
+BACKBONES = ("densenet121", "resnet50", "efficientnet-b4")
 
 
-def _run(*args: str, cwd: Path) -> str:
+def _run(*args: str, cwd: Path, status: int = 0) -> str:
     env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("DVC_ROOT", None)
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, f"{args} failed:\n{done.stdout}\n{done.stderr}"
+    assert done.returncode == status, (
+        f"{args} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    )
     return done.stdout + done.stderr
 
 
@@ -46,8 +51,10 @@ def reproduced(repo_copy: Path) -> tuple[Path, str]:
 def test_repro_runs_every_stage_and_leaves_nothing_to_do(reproduced):
     root, output = reproduced
     assert _ran_stages(output) >= {
-        "fetch", "preprocess", "train@densenet121", "train@resnet50", "train@efficientnet-b4",
-        "evaluate@densenet121", "evaluate@resnet50", "evaluate@efficientnet-b4", "compare",
+        "validate", "fetch", "preprocess",
+        "train@densenet121", "train@resnet50", "train@efficientnet-b4",
+        "evaluate@densenet121", "evaluate@resnet50", "evaluate@efficientnet-b4",
+        "compare", "readme",
     }  # fmt: skip
     assert (root / "data/processed/report.json").is_file()
     assert "Data and pipelines are up to date" in _run("dvc", "status", cwd=root)
@@ -58,10 +65,11 @@ def test_repro_runs_every_stage_and_leaves_nothing_to_do(reproduced):
 
 
 def test_repro_reproduces_the_committed_results(reproduced):
-    """Same code, params and seed on the CPU: the committed metrics come out again."""
+    """Same code, params and seed on the CPU: every committed file comes out again."""
     root, _ = reproduced
     for file in ("reports/comparison.json", "README.md"):
         assert (root / file).read_text() == (REPO_ROOT / file).read_text(), file
+    assert _run("git", "status", "--porcelain", cwd=root) == ""
 
 
 def test_registry_promote_and_predict(reproduced):
@@ -81,32 +89,55 @@ def test_registry_promote_and_predict(reproduced):
     assert all(re.search(r",0\.\d+,(NORMAL|PNEUMONIA),$", line) for line in lines[-3:])
 
 
-def test_dvc_plots_render(reproduced):
+def test_plots_render_offline(reproduced):
     root, _ = reproduced
-    output = _run("dvc", "plots", "show", "-o", "plots_html", cwd=root)
+    output = _run("pneumo", "plots", "-o", "plots_html", cwd=root)
     assert "WARNING" not in output and "ERROR" not in output
     html = (root / "plots_html/index.html").read_text()
-    for backbone in ("densenet121", "resnet50", "efficientnet-b4"):
+    assert not re.search(r"<script[^>]*src=[\"']?(https?:)?//", html)
+    assert "vegaEmbed" in html
+    for backbone in BACKBONES:
         for name in ("roc_csv", "pr_csv", "calibration_csv", "predictions_csv"):
             assert f"reports_eval_{backbone}_{name}" in html, (backbone, name)
-        assert f"reports/history/{backbone}.csv" in html
+        assert f'"filename": "{backbone}.csv"' in html
+    for title in ("Validation ROC AUC", "Validation loss", "Training loss"):
+        assert title in html
 
 
 def test_exp_run_reruns_only_training_and_later(reproduced):
     root, _ = reproduced
-    output = _run("dvc", "exp", "run", "-n", "gamma15", "-S", "loss.gamma=1.5", cwd=root)
+    output = _run("dvc", "exp", "run", "-S", "loss.gamma=2.0", cwd=root)
     ran = _ran_stages(output)
-    assert "fetch" not in ran and "preprocess" not in ran
-    assert {"train@resnet50", "evaluate@resnet50", "compare"} <= ran
+    later = {f"{stage}@{b}" for stage in ("train", "evaluate") for b in BACKBONES}
+    assert ran == {"validate", *later, "compare", "readme"}
+    name = re.search(r"Ran experiment\(s\): (\S+)", output)[1]
     shown = _run("dvc", "exp", "show", "--json", cwd=root)
-    assert "gamma15" in shown and "roc_auc" in shown
+    assert name in shown and "roc_auc" in shown
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     runs = mlflow.search_runs(
-        experiment_names=["pneumo"], filter_string="tags.dvc_experiment = 'gamma15'"
+        experiment_names=["pneumo"], filter_string=f"tags.dvc_experiment = '{name}'"
     )
-    assert sorted(runs["tags.mlflow.runName"]) == [
-        "gamma15-densenet121",
-        "gamma15-efficientnet-b4",
-        "gamma15-resnet50",
-    ]
-    assert set(runs["params.loss.gamma"]) == {"1.5"}
+    assert sorted(runs["tags.mlflow.runName"]) == sorted(f"{name}-{b}" for b in BACKBONES)
+    assert set(runs["params.loss.gamma"]) == {"2.0"}
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    folders = [root / name for name in ("data", "models", "reports")]
+    files = [f for folder in folders for f in folder.rglob("*") if f.is_file()]
+    files += [root / name for name in ("README.md", "dvc.lock")]
+    return {str(f.relative_to(root)): hashlib.md5(f.read_bytes()).hexdigest() for f in files}
+
+
+def test_a_bad_value_stops_before_anything_is_removed(reproduced):
+    """DVC removes a stage's outputs before running it, so `validate` must fail first."""
+    root, _ = reproduced
+    params = (root / "params.yaml").read_text()
+    before = _snapshot(root)
+    output = _run("dvc", "exp", "run", "-S", "loss.gamma=-1", cwd=root, status=255)
+    assert re.search(r"^\s*loss\.gamma: .*\(got -1\)$", output, re.MULTILINE), output
+    assert _ran_stages(output) == {"validate"}
+    assert _snapshot(root) == before
+    # DVC does not undo -S when a stage fails; the message says so and how to undo it.
+    assert "gamma: -1" in (root / "params.yaml").read_text()
+    assert "git checkout params.yaml" in output
+    (root / "params.yaml").write_text(params)

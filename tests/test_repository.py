@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
-
 import yaml
 
 from pneumo import paths
 from pneumo.compare import readme_block, render_table, update_readme_block
+from pneumo.records import Comparison, Evaluation, TrainSummary
 from tests.conftest import REPO_ROOT
 
 
 def test_readme_results_block_equals_the_committed_comparison():
-    result = json.loads((REPO_ROOT / paths.COMPARISON_JSON).read_text())
+    result = Comparison.read(REPO_ROOT / paths.REPORTS_DIR)
     assert readme_block(REPO_ROOT / "README.md") == render_table(result)
 
 
@@ -42,44 +41,53 @@ def _outs(stage: dict) -> set[str]:
 def test_dvc_yaml_paths_match_the_code():
     stages = _stages()
     b = "${item.backbone}"
+    assert _outs(stages["validate"]) == {str(paths.RESOLVED_PARAMS)}
     assert _outs(stages["fetch"]) == {str(paths.RAW_DIR)}
     assert _outs(stages["preprocess"]) == {str(paths.PROCESSED_DIR)}
     assert str(paths.RAW_DIR) in stages["preprocess"]["deps"]
     assert _outs(stages["train"]) == {
         str(paths.model_dir(b)),
-        str(paths.train_report_dir(b) / "metrics.json"),
+        str(TrainSummary.path(paths.train_report_dir(b))),
         str(paths.history_csv(b)),
     }
     assert str(paths.PROCESSED_DIR) in stages["train"]["deps"]
     evaluate_dir = paths.eval_report_dir(b)
     assert _outs(stages["evaluate"]) == {
-        str(evaluate_dir / name)
-        for name in (
-            "metrics.json",
-            "predictions.csv",
-            "val_predictions.csv",
-            "evaluation.png",
-            "roc.csv",
-            "pr.csv",
-            "calibration.csv",
-        )
+        str(Evaluation.path(evaluate_dir)),
+        *(str(Evaluation.predictions(evaluate_dir, split)) for split in ("test", "val")),
+        *(str(evaluate_dir / name) for name in ("evaluation.png", "roc.csv", "pr.csv")),
+        str(evaluate_dir / "calibration.csv"),
     }
     assert str(paths.model_dir(b)) in stages["evaluate"]["deps"]
+    comparison = Comparison.path(paths.REPORTS_DIR)
     assert _outs(stages["compare"]) == {
-        str(p) for p in (paths.COMPARISON_JSON, paths.COMPARISON_MD, paths.COMPARISON_ROC_PNG)
+        str(p) for p in (comparison, paths.COMPARISON_MD, paths.COMPARISON_ROC_PNG)
     }
+    assert _outs(stages["readme"]) == {str(paths.README)}
+    assert str(comparison) in stages["readme"]["deps"]
 
 
-def test_each_stage_depends_on_the_modules_it_runs():
+def test_every_stage_takes_its_params_from_the_validated_file():
+    """So DVC runs `validate` before any of them and a bad value removes nothing."""
     stages = _stages()
-    expected = {
-        "fetch": {"fetch.py", "phantoms.py"},
-        "preprocess": {"preprocess.py", "images.py"},
-        "train": {"train.py", "models.py", "losses.py", "data.py", "tracking.py"},
-        "evaluate": {"evaluate.py", "metrics.py"},
-        "compare": {"compare.py", "registry.py", "predict.py"},
-    }
-    for name, modules in expected.items():
-        deps = {d.removeprefix("src/pneumo/") for d in stages[name]["deps"]}
-        assert modules <= deps, name
-        assert stages[name]["cmd"].startswith(f"pneumo {name}")
+    assert stages["validate"]["params"] == [{"params.yaml": None}]
+    assert stages["validate"]["outs"] == [
+        {str(paths.RESOLVED_PARAMS): {"cache": False, "persist": True}}
+    ]
+    for name, stage in stages.items():
+        if name not in ("validate", "readme"):
+            files = [next(iter(item)) for item in stage["params"]]
+            assert files == [str(paths.RESOLVED_PARAMS)], name
+
+
+def test_training_curve_plots_overlay_every_backbone():
+    backbones = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["backbones"]
+    plots = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["plots"]
+    columns = set()
+    for plot in plots:
+        (definition,) = plot.values()
+        assert definition["x"] == "epoch"
+        assert set(definition["y"]) == {str(paths.history_csv(b)) for b in backbones}
+        (column,) = set(definition["y"].values())  # one quantity per plot
+        columns.add(column)
+    assert columns == {"val_auc", "val_loss", "train_loss"}

@@ -135,6 +135,7 @@ def test_invalid_params_fail_before_any_data_is_read(in_tmp):
     assert "train.lr" in result.output and "loss.gamma" in result.output
 
 
-def test_backbone_must_be_listed_in_params(in_tmp):
+def test_an_unknown_backbone_is_refused_with_the_known_names(in_tmp):
     result = run_cli("train", "resnet18", params={})
-    assert result.exit_code == 1 and "not in params.yaml backbones" in result.output
+    assert result.exit_code == 1 and "unknown backbone 'resnet18'" in result.output
+    assert "densenet121" in result.output

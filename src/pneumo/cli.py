@@ -111,6 +111,28 @@ def check(ctx: click.Context) -> None:
 
 
 @main.command()
+@click.pass_context
+def validate(ctx: click.Context) -> None:
+    """Validate params.yaml and write every resolved value to reports/params.json.
+
+    The first stage: the others read their params from its output, so DVC runs it before
+    them, and a bad value stops `dvc repro` / `dvc exp run` before any output is removed.
+    """
+    from pneumo.config import ConfigError
+    from pneumo.files import write_json_atomic
+
+    try:
+        params = _params(ctx)
+    except ConfigError as exc:
+        raise PneumoError(
+            f"{exc}\nNothing was run or removed. {ctx.obj['params']} keeps the value set "
+            "(`dvc exp run -S` does not undo it): fix it, or `git checkout params.yaml`"
+        ) from exc
+    write_json_atomic(paths.RESOLVED_PARAMS, params.model_dump(mode="json"))
+    click.echo(f"{ctx.obj['params']}: valid → {paths.RESOLVED_PARAMS}")
+
+
+@main.command()
 @click.argument("backbone")
 @click.pass_context
 @_friendly
@@ -119,9 +141,13 @@ def train(ctx: click.Context, backbone: str) -> None:
 
     With train.nproc > 1 it starts itself under torchrun, one process per GPU (or CPU share).
     """
+    from pneumo.config import BACKBONES
+
+    # Checked against the known names, not params.backbones: reading that list would make
+    # every train@ stage depend on it, and adding a backbone would retrain the others.
+    if backbone not in BACKBONES:
+        raise PneumoError(f"unknown backbone {backbone!r}; known: {', '.join(BACKBONES)}")
     params = _params(ctx)
-    if backbone not in params.backbones:
-        raise PneumoError(f"{backbone!r} is not in params.yaml backbones {params.backbones}")
     if params.train.nproc > 1 and "LOCAL_RANK" not in os.environ:
         launch = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -161,27 +187,47 @@ def evaluate(ctx: click.Context, backbone: str) -> None:
 
 @main.command()
 @click.option("--no-register", is_flag=True, help="Skip the MLflow model registry.")
-@click.option("--no-readme", is_flag=True, help="Leave README.md's results block alone.")
 @click.pass_context
 @_friendly
-def compare(ctx: click.Context, no_register: bool, no_readme: bool) -> None:
-    """Compare all backbones, update the README table, register versions and the challenger."""
+def compare(ctx: click.Context, no_register: bool) -> None:
+    """Compare all backbones, register versions and point @challenger at the best."""
     params = _params(ctx)
     from pneumo.compare import compare as run_compare
-    from pneumo.compare import render_table, update_readme_block
 
     result = run_compare(params, params.backbones)
-    if not no_readme and paths.README.is_file():
-        update_readme_block(paths.README, render_table(result))
     if no_register:
         return
     from pneumo import registry
 
-    versions = registry.register_all(params, best=result["best"])
+    versions = registry.register_all(params, best=result.best)
     click.echo(
         f"registered {params.registry.model_name} versions {versions}; "
-        f"@{registry.CHALLENGER} = {result['best']} (v{versions[result['best']]})"
+        f"@{registry.CHALLENGER} = {result.best} (v{versions[result.best]})"
     )
+
+
+@main.command()
+@_friendly
+def readme() -> None:
+    """Rewrite README.md's results block from reports/comparison.json."""
+    from pneumo.compare import render_table, update_readme_block
+    from pneumo.records import Comparison
+
+    table = render_table(Comparison.read(paths.REPORTS_DIR))
+    changed = update_readme_block(paths.README, table)
+    click.echo(f"{paths.README}: results block {'updated' if changed else 'unchanged'}")
+
+
+@main.command()
+@click.option(
+    "-o", "--out", default="dvc_plots", show_default=True,
+    type=click.Path(file_okay=False, path_type=Path), help="Folder of the HTML page.",
+)  # fmt: skip
+def plots(out: Path) -> None:
+    """`dvc plots show` into a page that needs no network (Vega libraries inline)."""
+    from pneumo.plots import show
+
+    click.echo(f"open {show(out, paths.PLOTS_TEMPLATE)}")
 
 
 @main.command()

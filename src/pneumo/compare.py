@@ -2,13 +2,13 @@
 
 Rows are ranked by a *validation* metric (``compare.select_by``); test metrics are reported
 with their bootstrap intervals but never used to choose anything. The README's results block
-is rendered from ``reports/comparison.json`` by :func:`render_table`, so the README cannot
-drift from the runs (tests/test_readme.py checks it).
+is rendered from ``reports/comparison.json`` by :func:`render_table` in its own stage
+(``pneumo readme``), so the README cannot drift from the runs (tests/test_repository.py checks
+it).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -19,7 +19,7 @@ import pandas as pd
 from pneumo import paths
 from pneumo.config import Params, selected_metric
 from pneumo.errors import UserError
-from pneumo.files import write_json_atomic, write_text_atomic
+from pneumo.files import write_text_atomic
 from pneumo.metrics import (
     binary_metrics,
     choose_threshold,
@@ -28,10 +28,11 @@ from pneumo.metrics import (
     metrics_with_ci,
     paired_bootstrap_auc,
 )
+from pneumo.records import Comparison, Evaluation
 
 log = logging.getLogger(__name__)
 
-README_BLOCKS = {"comparison": "pneumo compare", "experiments": "pneumo report"}
+README_BLOCKS = {"comparison": "pneumo readme", "experiments": "pneumo report"}
 ENSEMBLE = "ensemble"
 TABLE_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
 
@@ -40,17 +41,13 @@ class CompareError(UserError):
     """The evaluations cannot be compared, or the README cannot take the table."""
 
 
-def _load(eval_dir: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
-    files = [eval_dir / name for name in ("metrics.json", "predictions.csv", "val_predictions.csv")]
-    missing = [str(file) for file in files if not file.is_file()]
-    if missing:
-        raise CompareError(
-            f"{missing} not found: run `pneumo evaluate {eval_dir.name}` (or `dvc repro`) first"
-        )
-    metrics = json.loads((eval_dir / "metrics.json").read_text())
-    test = pd.read_csv(eval_dir / "predictions.csv").set_index("image")
-    val = pd.read_csv(eval_dir / "val_predictions.csv").set_index("image")
-    return metrics, test, val
+def _load(eval_dir: Path) -> tuple[Evaluation, pd.DataFrame, pd.DataFrame]:
+    record = Evaluation.read(eval_dir)
+    test, val = (
+        pd.read_csv(Evaluation.predictions(eval_dir, split)).set_index("image")
+        for split in ("test", "val")
+    )
+    return record, test, val
 
 
 def describe_data(params: Params) -> str:
@@ -65,10 +62,10 @@ def describe_data(params: Params) -> str:
     return f"Kaggle data set `{params.data.kaggle_dataset}` (official test split)"
 
 
-def compare(params: Params, backbones: list[str]) -> dict:
+def compare(params: Params, backbones: list[str]) -> Comparison:
     boot = params.evaluate.bootstrap
     loaded = {b: _load(paths.eval_report_dir(b)) for b in backbones}
-    data_hashes = {b: metrics["data_hash"] for b, (metrics, _, _) in loaded.items()}
+    data_hashes = {b: record.data_hash for b, (record, _, _) in loaded.items()}
     if len(set(data_hashes.values())) > 1:
         raise CompareError(
             f"the evaluations were made on different preprocess caches {data_hashes}, so their "
@@ -79,13 +76,13 @@ def compare(params: Params, backbones: list[str]) -> dict:
     y_val = loaded[backbones[0]][2].target.to_numpy()
 
     rows: dict[str, dict] = {}
-    for backbone, (metrics, _, _) in loaded.items():
+    for backbone, (record, _, _) in loaded.items():
         rows[backbone] = {
-            "threshold": metrics["threshold"],
-            "val": metrics["val"],
-            "test": metrics["test"],
-            "tta_gain_accuracy": metrics["tta_gain"]["accuracy"],
-            "tta_gain_roc_auc": metrics["tta_gain"]["roc_auc"],
+            "threshold": record.threshold,
+            "val": record.val,
+            "test": record.test,
+            "tta_gain_accuracy": record.tta_gain["accuracy"],
+            "tta_gain_roc_auc": record.tta_gain["roc_auc"],
         }
     p_test = {
         b: t.loc[first_test.index, "probability"].to_numpy() for b, (_, t, _) in loaded.items()
@@ -123,26 +120,26 @@ def compare(params: Params, backbones: list[str]) -> dict:
             "delong": delong_test(y_test, p_test[best], p_test[other]),
         }
 
-    result = {
-        "data": describe_data(params),
-        "select_by": params.compare.select_by,
-        "threshold_rule": str(params.evaluate.threshold),
-        "tta_views": list(params.evaluate.tta),
-        "n_test": int(len(y_test)),
-        "n_val": int(len(y_val)),
-        "settings": {
+    result = Comparison(
+        data=describe_data(params),
+        select_by=params.compare.select_by,
+        threshold_rule=str(params.evaluate.threshold),
+        tta_views=list(params.evaluate.tta),
+        n_test=int(len(y_test)),
+        n_val=int(len(y_val)),
+        settings={
             "image_size": params.data.image_size,
             "epochs": params.train.epochs,
             "loss": params.loss.name,
             "pretrained": params.model.pretrained,
         },
-        "best": best,
-        "ranking": ranking,
-        "rows": rows,
-        "paired_tests_vs_best": tests,
-    }
+        best=best,
+        ranking=ranking,
+        rows=rows,
+        paired_tests_vs_best=tests,
+    )
     _roc_png(y_test, p_test, paths.COMPARISON_ROC_PNG)
-    write_json_atomic(paths.COMPARISON_JSON, result)
+    result.write(paths.REPORTS_DIR)
     write_text_atomic(paths.COMPARISON_MD, render_table(result))
     log.info("ranking by %s: %s", params.compare.select_by, ranking)
     return result
@@ -152,31 +149,30 @@ def _cell(metric: dict) -> str:
     return f"{metric['value']:.3f} ({metric['ci_low']:.3f}–{metric['ci_high']:.3f})"
 
 
-def render_table(result: dict) -> str:
+def render_table(result: Comparison) -> str:
     """The comparison as Markdown; a pure function of comparison.json."""
-    settings = result["settings"]
+    settings = result.settings
     init = "ImageNet-pretrained" if settings["pretrained"] else "random init"
     header = " | ".join(TABLE_METRICS)
     lines = [
-        f"Data: {result['data']}. Test images: {result['n_test']}, validation images: "
-        f"{result['n_val']}.",
+        f"Data: {result.data}. Test images: {result.n_test}, validation images: {result.n_val}.",
         "",
         f"Settings: {settings['image_size']} px, {settings['epochs']} epochs, "
         f"{settings['loss']} loss, {init}, "
-        f"TTA views {', '.join(result['tta_views'])}; threshold rule `{result['threshold_rule']}` "
-        f"on validation; ranked by `{result['select_by']}`. Test metrics with 95% stratified "
+        f"TTA views {', '.join(result.tta_views)}; threshold rule `{result.threshold_rule}` "
+        f"on validation; ranked by `{result.select_by}`. Test metrics with 95% stratified "
         "bootstrap intervals.",
         "",
-        f"| model | {header} | threshold | {result['select_by']} | TTA Δacc |",
+        f"| model | {header} | threshold | {result.select_by} | TTA Δacc |",
         "|---" * (len(TABLE_METRICS) + 4) + "|",
     ]
-    select = selected_metric(result["select_by"])
-    for name in result["ranking"]:
-        row = result["rows"][name]
+    select = selected_metric(result.select_by)
+    for name in result.ranking:
+        row = result.rows[name]
         gain = row["tta_gain_accuracy"]
         cells = [_cell(row["test"][m]) for m in TABLE_METRICS]
         lines.append(
-            f"| {'**' + name + '**' if name == result['best'] else name} | "
+            f"| {'**' + name + '**' if name == result.best else name} | "
             + " | ".join(cells)
             + f" | {row['threshold']:.3f} | {row['val'][select]:.3f} | "
             + ("–" if gain is None else f"{gain:+.3f}")
@@ -184,14 +180,14 @@ def render_table(result: dict) -> str:
         )
     lines += [
         "",
-        f"Paired tests, {result['best']} against each other model on the same test images:",
+        f"Paired tests, {result.best} against each other model on the same test images:",
         "",
     ]
     lines += [
         "| vs | McNemar p (accuracy) | ΔAUC (95% CI) | bootstrap p (AUC) | DeLong p (AUC) |",
         "|---|---|---|---|---|",
     ]
-    for other, test in result["paired_tests_vs_best"].items():
+    for other, test in result.paired_tests_vs_best.items():
         auc = test["auc_difference"]
         # comparison.json files written before DeLong's test was added lack it
         delong = f"{test['delong']['p']:.3f}" if "delong" in test else "–"

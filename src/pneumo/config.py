@@ -169,7 +169,7 @@ class LossConfig(Section):
     """``alpha`` weighs the positive (PNEUMONIA) class in focal loss; negatives weigh 1."""
 
     name: Literal["focal", "bce"] = "focal"
-    gamma: Annotated[Real, Field(ge=0.0)] = 2.0
+    gamma: Annotated[Real, Field(ge=0.0)] = 1.5
     alpha: Annotated[Real, Field(gt=0.0)] = 2.0
     pos_weight: Literal["auto", "none"] | float = "none"
 

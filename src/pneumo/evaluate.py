@@ -19,8 +19,8 @@ from torchvision.transforms.v2 import functional as F
 from pneumo import tracking
 from pneumo.config import CLASS_NAMES, EvaluateConfig, Params
 from pneumo.data import CachedSplit
-from pneumo.files import write_json_atomic
 from pneumo.metrics import binary_metrics, choose_threshold, metrics_with_ci
+from pneumo.records import Evaluation
 
 log = logging.getLogger(__name__)
 
@@ -214,30 +214,32 @@ def evaluate(params: Params, backbone: str, cache_dir: Path, model_dir: Path, ou
 
     cfg = params.evaluate
     device = resolve_device(params.train.device)
-    model, meta = load_checkpoint(model_dir)
+    model, card = load_checkpoint(model_dir)
     model.to(device)
     splits = {name: CachedSplit.load(cache_dir, name) for name in ("val", "test")}
     assessed, per_view, threshold = assess(model, splits, cfg, device)
-    metrics = {"backbone": backbone, **assessed, "data_hash": meta["data_hash"]}
-    test_metrics, val_metrics, no_tta = metrics["test"], metrics["val"], metrics["test_no_tta"]
+    record = Evaluation(backbone=backbone, **assessed, data_hash=card.data_hash)
+    test_metrics, val_metrics, no_tta = record.test, record.val, record.test_no_tta
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    test_frame = predictions_frame(splits["test"], cfg.tta, per_view["test"], threshold)
-    val_frame = predictions_frame(splits["val"], cfg.tta, per_view["val"], threshold)
-    test_frame.to_csv(out_dir / "predictions.csv", index=False)
-    val_frame.to_csv(out_dir / "val_predictions.csv", index=False)
-    png = _plots(test_frame, threshold, test_metrics["roc_auc"], out_dir, f"{backbone}: test split")
-    metrics_file = out_dir / "metrics.json"
-    write_json_atomic(metrics_file, metrics)
+    frames = {
+        split: predictions_frame(splits[split], cfg.tta, per_view[split], threshold)
+        for split in ("test", "val")
+    }
+    for split, frame in frames.items():
+        frame.to_csv(Evaluation.predictions(out_dir, split), index=False)
+    title = f"{backbone}: test split"
+    png = _plots(frames["test"], threshold, test_metrics["roc_auc"], out_dir, title)
+    record_file = record.write(out_dir)
 
-    with tracking.resume_run(params.tracking, meta["mlflow_run_id"]) as run:
+    with tracking.resume_run(params.tracking, card.mlflow_run_id) as run:
         if run is not None:
             flat = {f"test_{m}": v["value"] for m, v in test_metrics.items() if isinstance(v, dict)}
             flat |= {f"val_{m}": v for m, v in val_metrics.items()}
             flat |= {f"test_no_tta_{m}": v for m, v in no_tta.items()}
             flat |= {"threshold": threshold}
             tracking.log_metrics({k: v for k, v in flat.items() if np.isfinite(v)})
-            tracking.log_artifacts([png, metrics_file], artifact_path="evaluation")
+            tracking.log_artifacts([png, record_file], artifact_path="evaluation")
     log.info(
         "%s: test accuracy %.4f AUC %.4f at threshold %.3f (%s)",
         backbone,
@@ -246,4 +248,4 @@ def evaluate(params: Params, backbone: str, cache_dir: Path, model_dir: Path, ou
         threshold,
         cfg.threshold,
     )
-    return metrics
+    return record

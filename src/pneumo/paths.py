@@ -1,6 +1,7 @@
 """Every file and folder the stages exchange, relative to the repository root.
 
-dvc.yaml declares the same paths; tests/test_dvc_yaml.py fails when the two drift apart.
+dvc.yaml declares the same paths; tests/test_repository.py fails when the two drift apart.
+The names of the records inside these folders are in pneumo.records.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ PROCESSED_SAMPLES_PNG = PROCESSED_DIR / "samples.png"
 
 MODELS_DIR = Path("models")
 REPORTS_DIR = Path("reports")
+RESOLVED_PARAMS = REPORTS_DIR / "params.json"  # params.yaml validated, defaults filled in
 COMPARISON_MD = REPORTS_DIR / "comparison.md"
-COMPARISON_JSON = REPORTS_DIR / "comparison.json"
 COMPARISON_ROC_PNG = REPORTS_DIR / "comparison_roc.png"
 EXPERIMENTS_JSON = REPORTS_DIR / "experiments.json"
 EXPERIMENTS_MD = REPORTS_DIR / "experiments.md"
 README = Path("README.md")
+PLOTS_TEMPLATE = Path(".pneumo/plots-template.html")  # git-ignored, written by `pneumo plots`
 
 SPLITS = ("train", "val", "test")
 

@@ -16,6 +16,7 @@ from pneumo import paths
 from pneumo.config import CLASS_NAMES
 from pneumo.errors import UserError
 from pneumo.images import IMAGE_SUFFIXES, ImageDecodeError, prepare_image
+from pneumo.records import Evaluation, ModelCard
 
 INFERENCE_FILE = "inference.json"
 
@@ -34,15 +35,9 @@ class InferenceConfig:
     threshold: float
 
     @classmethod
-    def from_evaluation(cls, model_dir: Path, metrics_file: Path) -> InferenceConfig:
-        meta = json.loads((model_dir / "meta.json").read_text())
-        if not metrics_file.is_file():
-            raise PredictError(
-                f"{metrics_file} not found: run `dvc repro` (evaluate) so the model has its "
-                "validation-chosen threshold and TTA views"
-            )
-        metrics = json.loads(metrics_file.read_text())
-        return cls(meta["image_size"], meta["resize"], metrics["tta_views"], metrics["threshold"])
+    def from_records(cls, card: ModelCard, evaluation: Evaluation) -> InferenceConfig:
+        """Preparation from training's card; TTA views and threshold from the evaluation."""
+        return cls(card.image_size, card.resize, evaluation.tta_views, evaluation.threshold)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -56,20 +51,20 @@ class Predictor:
     def __init__(self, model_dir: Path, inference: InferenceConfig) -> None:
         from pneumo.train import load_checkpoint
 
-        self.model, self.meta = load_checkpoint(model_dir)
+        self.model, self.card = load_checkpoint(model_dir)
         self.inference = inference
 
     @classmethod
     def from_model_dir(cls, model_dir: Path) -> Predictor:
         """A local ``models/<backbone>`` folder, with its evaluation from reports/eval/."""
-        if not (model_dir / "meta.json").is_file():
+        if not ModelCard.path(model_dir).is_file():
             raise PredictError(
-                f"{model_dir} is not a trained model folder (no meta.json): pass "
+                f"{model_dir} is not a trained model folder (no {ModelCard.FILE}): pass "
                 "--model models/<backbone> after `dvc repro`, or a models:/<name>@<alias> URI"
             )
-        backbone = json.loads((model_dir / "meta.json").read_text())["backbone"]
-        metrics = paths.eval_report_dir(backbone) / "metrics.json"
-        return cls(model_dir, InferenceConfig.from_evaluation(model_dir, metrics))
+        card = ModelCard.read(model_dir)
+        evaluation = Evaluation.read(paths.eval_report_dir(card.backbone))
+        return cls(model_dir, InferenceConfig.from_records(card, evaluation))
 
     def prepare(self, data: bytes) -> np.ndarray:
         return prepare_image(data, self.inference.image_size, self.inference.resize)

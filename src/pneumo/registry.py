@@ -9,7 +9,6 @@ ones to use. The deprecated registry stages are not used.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import tempfile
 from datetime import UTC, datetime
@@ -27,6 +26,7 @@ from pneumo import paths, tracking
 from pneumo.config import Params
 from pneumo.errors import UserError
 from pneumo.predict import INFERENCE_FILE, InferenceConfig, Predictor
+from pneumo.records import Evaluation, ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -86,34 +86,34 @@ def _requirements() -> list[str]:
     ]
 
 
-def register(params: Params, backbone: str, model_dir: Path, metrics: dict, meta: dict) -> str:
+def register(
+    params: Params, backbone: str, model_dir: Path, evaluation: Evaluation, card: ModelCard
+) -> str:
     """Log the backbone's pyfunc model in its training run and register a new version."""
     client = MlflowClient()
-    inference = InferenceConfig(
-        meta["image_size"], meta["resize"], metrics["tta_views"], metrics["threshold"]
-    )
+    inference = InferenceConfig.from_records(card, evaluation)
     select = params.compare.metric
     tags = {
         "backbone": backbone,
-        "git_commit": tracking.context_tags("compare", meta["data_hash"])["git_commit"],
+        "git_commit": tracking.context_tags("compare", card.data_hash)["git_commit"],
         "dvc_experiment": tracking.experiment_name(),
-        "data_hash": meta["data_hash"],
-        "threshold": f"{metrics['threshold']:.6f}",
+        "data_hash": card.data_hash,
+        "threshold": f"{evaluation.threshold:.6f}",
         "select_by": params.compare.select_by,
-        params.compare.select_by: f"{metrics['val'][select]:.6f}",
-        "val_recall": f"{metrics['val']['recall']:.6f}",
-        "test_accuracy": f"{metrics['test']['accuracy']['value']:.6f}",
-        "test_roc_auc": f"{metrics['test']['roc_auc']['value']:.6f}",
+        params.compare.select_by: f"{evaluation.val[select]:.6f}",
+        "val_recall": f"{evaluation.val['recall']:.6f}",
+        "test_accuracy": f"{evaluation.test['accuracy']['value']:.6f}",
+        "test_roc_auc": f"{evaluation.test['roc_auc']['value']:.6f}",
     }
     with (
         tempfile.TemporaryDirectory() as tmp,
-        tracking.resume_run(params.tracking, meta["mlflow_run_id"]) as run,
+        tracking.resume_run(params.tracking, card.mlflow_run_id) as run,
     ):
         inference_file = Path(tmp) / INFERENCE_FILE
         inference.save(inference_file)
         if run is None:
             raise UserError(
-                f"training run {meta['mlflow_run_id']} of {backbone} is not in the tracking "
+                f"training run {card.mlflow_run_id} of {backbone} is not in the tracking "
                 "store; rerun `dvc repro --force train` to register models"
             )
         info = tracking.with_retries(
@@ -144,9 +144,10 @@ def register_all(params: Params, best: str) -> dict[str, str]:
     versions = {}
     for backbone in params.backbones:
         model_dir = paths.model_dir(backbone)
-        metrics = json.loads((paths.eval_report_dir(backbone) / "metrics.json").read_text())
-        meta = json.loads((model_dir / "meta.json").read_text())
-        versions[backbone] = register(params, backbone, model_dir, metrics, meta)
+        evaluation = Evaluation.read(paths.eval_report_dir(backbone))
+        versions[backbone] = register(
+            params, backbone, model_dir, evaluation, ModelCard.read(model_dir)
+        )
     set_alias(params.registry.model_name, CHALLENGER, versions[best])
     return versions
 

@@ -10,7 +10,6 @@ continue it is kept after every epoch (pneumo.resume). Under ``torchrun`` every 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -41,14 +40,14 @@ from pneumo.data import (
 )
 from pneumo.distributed import SINGLE, World
 from pneumo.errors import UserError
-from pneumo.files import staged_dir, write_json_atomic, write_text_atomic
+from pneumo.files import staged_dir, write_text_atomic
 from pneumo.losses import build_loss
 from pneumo.models import build_model, normalisation
+from pneumo.records import ModelCard, TrainSummary
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "model.pt"
-META = "meta.json"
 CURVES_PNG = "curves.png"
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auc", "lr"]
 
@@ -462,52 +461,50 @@ def _tracked_training(
         # Measured speed goes to MLflow only: committed, DVC-tracked files stay deterministic.
         tracking.log_metrics({"train_seconds": seconds})
         history = pd.DataFrame(result.history)[HISTORY_COLUMNS]
-        metrics = {
-            "best_epoch": result.best_epoch,
-            "epochs_run": len(result.history),
-            "best_val_loss": result.best["val_loss"],
-            "best_val_auc": result.best["val_auc"],
-        }
-        meta = {
-            "backbone": backbone,
-            "class_names": list(CLASS_NAMES),
-            "image_size": params.data.image_size,
-            "resize": params.data.resize,
-            "normalisation": normalisation(params.model.pretrained),
-            "best_epoch": result.best_epoch,
-            "mlflow_run_id": run.info.run_id,
-            "mlflow_tracking_uri": tracking.tracking_uri(params.tracking),
-            "dvc_experiment": tracking.experiment_name(),
-            "data_hash": data_hash,
-            "params": params.model_dump(mode="json"),
-        }
+        summary = TrainSummary(
+            best_epoch=result.best_epoch,
+            epochs_run=len(result.history),
+            best_val_loss=result.best["val_loss"],
+            best_val_auc=result.best["val_auc"],
+        )
+        card = ModelCard(
+            backbone=backbone,
+            class_names=list(CLASS_NAMES),
+            image_size=params.data.image_size,
+            resize=params.data.resize,
+            normalisation=normalisation(params.model.pretrained),
+            best_epoch=result.best_epoch,
+            mlflow_run_id=run.info.run_id,
+            mlflow_tracking_uri=tracking.tracking_uri(params.tracking),
+            dvc_experiment=tracking.experiment_name(),
+            data_hash=data_hash,
+            params=params.model_dump(mode="json"),
+        )
 
         with staged_dir(model_dir) as staging:
             torch.save(result.model.cpu().state_dict(), staging / CHECKPOINT)
-            write_json_atomic(staging / META, meta)
+            card_file = card.write(staging)
             _curves_png(history, backbone, staging / CURVES_PNG)
             tracking.log_metrics({f"best_{k}": v for k, v in result.best.items() if k != "epoch"})
-            tracking.log_artifacts([staging / CHECKPOINT, staging / META, staging / CURVES_PNG])
+            tracking.log_artifacts([staging / CHECKPOINT, card_file, staging / CURVES_PNG])
             tracking.log_dict(params.model_dump(mode="json"), "params.json")
     write_text_atomic(history_file, history.to_csv(index=False))
-    write_json_atomic(report_dir / "metrics.json", metrics)
+    summary.write(report_dir)
     state_path.unlink(missing_ok=True)  # finished: nothing left to resume
-    log.info(
-        "%s: best epoch %d, val AUC %.4f", backbone, result.best_epoch, metrics["best_val_auc"]
-    )
-    return metrics
+    log.info("%s: best epoch %d, val AUC %.4f", backbone, result.best_epoch, summary.best_val_auc)
+    return summary.model_dump()
 
 
-def load_checkpoint(model_dir: Path) -> tuple[nn.Module, dict]:
-    """The trained model (eval mode, CPU) and its meta.json."""
-    meta = json.loads((model_dir / META).read_text())
-    model_params = meta["params"]["model"]
+def load_checkpoint(model_dir: Path) -> tuple[nn.Module, ModelCard]:
+    """The trained model (eval mode, CPU) and its card."""
+    card = ModelCard.read(model_dir)
+    model_params = card.params["model"]
     model = build_model(
-        meta["backbone"],
+        card.backbone,
         pretrained=False,  # the checkpoint holds all weights; never download here
         dropout=model_params["dropout"],
         hidden_size=model_params["hidden_size"],
     )
     state = torch.load(model_dir / CHECKPOINT, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
-    return model.eval(), meta
+    return model.eval(), card

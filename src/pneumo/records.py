@@ -1,0 +1,135 @@
+"""The files that stages hand to each other, one typed definition each.
+
+A stage writes a record with ``record.write(folder)`` and the next one reads it with
+``Record.read(folder)``: the file name lives here only, a missing file names the command that
+makes it, and a file of another shape fails on read rather than as a ``KeyError`` later.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+from pydantic import BaseModel, ConfigDict
+
+from pneumo.errors import UserError
+from pneumo.files import write_json_atomic
+
+
+class RecordError(UserError):
+    """A record another stage should have written is missing or malformed."""
+
+
+class Record(BaseModel):
+    """A JSON file named ``FILE`` in a folder, written by the command ``WRITER`` (where
+    ``{name}`` stands for the folder's name, the backbone of a per-backbone record)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    FILE: ClassVar[str]
+    WRITER: ClassVar[str]
+
+    @classmethod
+    def path(cls, folder: Path) -> Path:
+        return folder / cls.FILE
+
+    def write(self, folder: Path) -> Path:
+        path = self.path(folder)
+        write_json_atomic(path, self.model_dump(mode="json"))
+        return path
+
+    @classmethod
+    def read(cls, folder: Path) -> Self:
+        path = cls.path(folder)
+        writer = cls.WRITER.format(name=folder.name)
+        if not path.is_file():
+            raise RecordError(f"{path} not found: run `{writer}` (or `dvc repro`) first")
+        try:
+            return cls.model_validate(json.loads(path.read_text()))
+        except ValueError as exc:  # not JSON, or a pydantic ValidationError
+            raise RecordError(
+                f"{path} is not a {cls.__name__} record ({exc.__class__.__name__}): rerun "
+                f"`{writer}`"
+            ) from None
+
+
+class ModelCard(Record):
+    """What a checkpoint needs besides its weights, in ``models/<backbone>``."""
+
+    FILE = "meta.json"
+    WRITER = "pneumo train {name}"
+
+    backbone: str
+    class_names: list[str]
+    image_size: int
+    resize: str
+    normalisation: dict[str, list[float]]
+    best_epoch: int
+    mlflow_run_id: str
+    mlflow_tracking_uri: str
+    dvc_experiment: str
+    data_hash: str
+    params: dict[str, Any]
+
+
+class TrainSummary(Record):
+    """The best epoch of a training run, in ``reports/train/<backbone>`` (DVC metrics)."""
+
+    FILE = "metrics.json"
+    WRITER = "pneumo train {name}"
+
+    best_epoch: int
+    epochs_run: int
+    best_val_loss: float
+    best_val_auc: float
+
+
+class Evaluation(Record):
+    """Test and validation metrics of one backbone, in ``reports/eval/<backbone>``.
+
+    The per-image predictions lie beside it (:meth:`predictions`).
+    """
+
+    FILE = "metrics.json"
+    WRITER = "pneumo evaluate {name}"
+    PREDICTIONS: ClassVar[dict[str, str]] = {
+        "test": "predictions.csv",
+        "val": "val_predictions.csv",
+    }
+
+    backbone: str
+    threshold: float
+    threshold_rule: str
+    tta_views: list[str]
+    test: dict[str, dict[str, float] | int]  # value and interval per metric; confusion counts
+    test_no_tta: dict[str, float | int]
+    val: dict[str, float | int]
+    tta_gain: dict[str, float]
+    n_test: int
+    n_val: int
+    data_hash: str
+
+    @classmethod
+    def predictions(cls, folder: Path, split: str) -> Path:
+        """Per-image probabilities of ``split`` (test or val), written with the record."""
+        return folder / cls.PREDICTIONS[split]
+
+
+class Comparison(Record):
+    """Every backbone and their ensemble ranked on validation, in ``reports``; the README's
+    results block is rendered from it."""
+
+    FILE = "comparison.json"
+    WRITER = "pneumo compare"
+
+    data: str
+    select_by: str
+    threshold_rule: str
+    tta_views: list[str]
+    n_test: int
+    n_val: int
+    settings: dict[str, Any]
+    best: str
+    ranking: list[str]
+    rows: dict[str, dict[str, Any]]
+    paired_tests_vs_best: dict[str, dict[str, Any]]
