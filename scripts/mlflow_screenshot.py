@@ -1,13 +1,15 @@
 """Screenshot of the MLflow UI comparing the latest training run of every backbone.
 
-Needs Debian's `chromium` (apt-get install chromium) and a `dvc repro` already run.
+Needs Debian's `chromium` (apt-get install chromium), `pip install -e '.[docs]'` (Playwright,
+driving that Chromium; it downloads no browser) and a `dvc repro` already run.
 
     python scripts/mlflow_screenshot.py docs/img/mlflow-compare.png
 
 It starts `mlflow server` on a free loopback port against the project's database, opens the
 experiment's chart view of the runs named in the model cards (models/*/meta.json), in
-MLflow's classic "model training" mode rather than the GenAI one, in headless Chromium and
-saves a PNG. Everything it starts, it stops.
+MLflow's classic "model training" mode rather than the GenAI one, closes the assistant panel,
+keeps the charts a user compares (validation AUC and loss per epoch, training loss, test AUC)
+and saves a PNG. Everything it starts, it stops.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -25,8 +26,8 @@ from pathlib import Path
 
 from pneumo.records import ModelCard
 
+CHARTS = "^(val_auc|val_loss|train_loss|test_roc_auc)$"  # MLflow's chart search takes a regex
 CHROMIUM_FLAGS = [
-    "--headless",
     "--no-sandbox",
     "--disable-gpu",
     "--disable-quic",
@@ -34,7 +35,6 @@ CHROMIUM_FLAGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
-    "--hide-scrollbars",
 ]
 
 
@@ -60,7 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("output", type=Path)
     parser.add_argument("--db", type=Path, default=Path("mlflow.db"))
-    parser.add_argument("--size", default="1500,1100", help="Window width,height.")
+    parser.add_argument("--size", default="1500,1180", help="Window width,height.")
     args = parser.parse_args()
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -75,6 +75,7 @@ def main() -> None:
         raise SystemExit("no trained models or no mlflow.db: run `dvc repro` first")
 
     import mlflow
+    from playwright.sync_api import sync_playwright
 
     mlflow.set_tracking_uri(f"sqlite:///{args.db.resolve()}")
     run_ids = [card.mlflow_run_id for card in cards]
@@ -99,13 +100,18 @@ def main() -> None:
         )
         url = f"{base}/#/experiments/{experiment_id}/runs?{query}"
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as profile:
-            subprocess.run(
-                [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                 f"--window-size={args.size}", "--virtual-time-budget=20000",
-                 f"--screenshot={args.output.resolve()}", url],
-                check=True, capture_output=True, timeout=120,
-            )  # fmt: skip
+        width, height = (int(n) for n in args.size.split(","))
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.goto(url)
+            page.get_by_placeholder("Search metric charts").fill(CHARTS)
+            close = page.locator('[data-component-id="mlflow.assistant.chat_panel.close"]')
+            if close.count():
+                close.click()
+            page.wait_for_timeout(3000)
+            page.screenshot(path=str(args.output))
+            browser.close()
         print(f"{args.output} ← {url}")
     finally:
         server.terminate()

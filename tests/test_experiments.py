@@ -119,7 +119,7 @@ def test_two_queued_experiments_in_parallel_lose_no_mlflow_run(tmp_path):
     params["data"]["sample"] |= {
         "train": {"normal": 20, "pneumonia": 30},
         "test": {"normal": 10, "pneumonia": 10},
-        "image_size": 48,
+        "image_size": 64,
     }
     params["data"]["image_size"] = 32
     params["train"]["epochs"] = 1
