@@ -28,6 +28,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+# VmHWM, not getrusage's ru_maxrss: the latter keeps the forking parent's peak across exec.
 PEAK = (
     "import re, sys\n"
     "from pathlib import Path\n"

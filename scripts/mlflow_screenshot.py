@@ -6,7 +6,7 @@ driving that Chromium; it downloads no browser) and a `dvc repro` already run.
     python scripts/mlflow_screenshot.py docs/img/mlflow-compare.png
 
 It starts `mlflow server` on a free loopback port against the project's database, opens the
-experiment's chart view of the runs named in the model cards (models/*/meta.json), in
+experiment's chart view of the runs that trained the checkpoints in models/, in
 MLflow's classic "model training" mode rather than the GenAI one, closes the assistant panel,
 keeps the charts a user compares (validation AUC and loss per epoch, training loss, test AUC)
 and saves a PNG. Everything it starts, it stops.
@@ -24,6 +24,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from pneumo import tracking
 from pneumo.records import ModelCard
 
 CHARTS = "^(val_auc|val_loss|train_loss|test_roc_auc)$"  # MLflow's chart search takes a regex
@@ -66,19 +67,18 @@ def main() -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         raise SystemExit("chromium not found: apt-get install chromium")
-    cards = [
-        ModelCard.read(folder)
+    run_ids = [
+        tracking.training_run_of(ModelCard.weights(folder))
         for folder in sorted(Path("models").glob("*"))
-        if ModelCard.path(folder).is_file()
+        if ModelCard.weights(folder).is_file()
     ]
-    if not cards or not args.db.is_file():
+    if not run_ids or None in run_ids or not args.db.is_file():
         raise SystemExit("no trained models or no mlflow.db: run `dvc repro` first")
 
     import mlflow
     from playwright.sync_api import sync_playwright
 
     mlflow.set_tracking_uri(f"sqlite:///{args.db.resolve()}")
-    run_ids = [card.mlflow_run_id for card in cards]
     (experiment_id,) = {mlflow.get_run(r).info.experiment_id for r in run_ids}
 
     port = _free_port()

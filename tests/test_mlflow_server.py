@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from pneumo import tracking
+
 pytestmark = pytest.mark.slow
 
 
@@ -58,7 +60,7 @@ def server(tiny_project: Path):
         process.wait(timeout=30)
 
 
-def test_runs_params_and_metrics_are_served(server, tiny_project):
+def test_runs_params_and_metrics_are_served(server, tiny_project, monkeypatch):
     experiment = _call(server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=tests")
     experiment_id = experiment["experiment"]["experiment_id"]
     found = _call(
@@ -71,12 +73,13 @@ def test_runs_params_and_metrics_are_served(server, tiny_project):
     resnet = runs["workspace-resnet50"]
     params = {p["key"]: p["value"] for p in resnet["data"]["params"]}
     metrics = {m["key"]: m["value"] for m in resnet["data"]["metrics"]}
-    meta = json.loads((tiny_project / "models/resnet50/meta.json").read_text())
-    assert resnet["info"]["run_id"] == meta["mlflow_run_id"]
+    monkeypatch.chdir(tiny_project)  # the run index lies in the repository root
+    run_id = tracking.training_run_of(tiny_project / "models/resnet50/model.pt")
+    assert resnet["info"]["run_id"] == run_id
     assert params["backbone"] == "resnet50" and params["train.epochs"] == "2"
     assert {"val_loss", "val_auc", "test_roc_auc", "threshold"} <= set(metrics)
     history = _call(
         server,
-        f"/api/2.0/mlflow/metrics/get-history?run_id={meta['mlflow_run_id']}&metric_key=val_loss",
+        f"/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key=val_loss",
     )
     assert [m["step"] for m in history["metrics"]] == [1, 2]

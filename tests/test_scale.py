@@ -19,53 +19,26 @@ import yaml
 from pneumo.config import AugmentConfig, parse_params
 from pneumo.data import BalancedSampler, batch_augmentation, train_sampler
 from pneumo.preprocess import write_array
-from tests.conftest import TINY_PARAMS, jpeg_bytes, write_tree
-
-# VmHWM, not getrusage's ru_maxrss: the latter keeps the forking parent's (pytest's) peak.
-PEAK_RSS = (
-    "import re, sys\n"
-    "from pathlib import Path\n"
-    "from pneumo.cli import main\n"
-    "try:\n"
-    "    main(sys.argv[1:])\n"
-    "except SystemExit as done:\n"
-    "    assert not done.code, done.code\n"
-    "status = Path('/proc/self/status').read_text()\n"
-    "print('peak_kib', re.search(r'VmHWM:\\s+(\\d+) kB', status).group(1))\n"
-)
-
-
-def _kaggle_folder(root: Path, images: int, size: int) -> Path:
-    """``images`` distinct noise JPEGs in the Kaggle layout, four per patient."""
-    files = {}
-    for i in range(images):
-        patient = i // 8
-        split = ("train", "train", "train", "test", "train", "train", "val", "test")[patient % 8]
-        if i % 2:
-            name = f"{split}/PNEUMONIA/person{patient}_virus_{i}.jpeg"
-        else:
-            name = f"{split}/NORMAL/IM-{patient:04d}-{i:04d}.jpeg"
-        files[f"chest_xray/{name}"] = jpeg_bytes(i, size=size)
-    return write_tree(root, files)
+from tests.conftest import TINY_PARAMS
 
 
 def _preprocess_peak_mib(project: Path, images: int) -> float:
-    """Peak RSS of the process that runs `pneumo preprocess` (decoding runs in a worker)."""
+    """Peak RSS of the process that runs `pneumo preprocess` (decoding runs in a worker),
+    measured as the scale benchmark measures it, on the benchmark's generated images."""
+    from scripts.benchmark_scale import run_stage, write_folder
+
     project.mkdir()
-    source = _kaggle_folder(project / "source", images, size=256)
+    source = write_folder(project / "source", images)
     params = {
         "data": {"source": "local", "local_path": str(source), "image_size": 256},
         "tracking": {"experiment": "tests"},
     }
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    for command in (["fetch"], ["preprocess", "--workers", "1"]):
-        done = subprocess.run(
-            [sys.executable, "-c", PEAK_RSS, *command], cwd=project, capture_output=True, text=True
-        )
-        assert done.returncode == 0, done.stderr[-2000:]
+    run_stage(project, "fetch")
+    _, peak = run_stage(project, "preprocess", "--workers", "1")
     counts = json.loads((project / "data/processed/report.json").read_text())["cached_images"]
     assert counts == images
-    return int(done.stdout.split("peak_kib")[-1]) / 1024
+    return peak
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from pneumo import tracking
 from pneumo.config import parse_params
 from pneumo.data import ArrayDataset, CachedSplit, make_loader
 from pneumo.losses import FocalLoss
@@ -40,17 +41,20 @@ def test_outputs_of_the_train_stage(tiny_project):
     assert (model_dir / "curves.png").stat().st_size > 1000
 
 
-def test_the_training_run_is_in_mlflow(tiny_project):
+def test_the_training_run_is_in_mlflow(tiny_project, monkeypatch):
     meta = json.loads((tiny_project / "models/resnet50/meta.json").read_text())
+    assert "mlflow_run_id" not in meta  # the folder holds facts about the model only
+    monkeypatch.chdir(tiny_project)  # the run index lies in the repository root
+    run_id = tracking.training_run_of(tiny_project / "models/resnet50/model.pt")
     mlflow.set_tracking_uri(f"sqlite:///{tiny_project / 'mlflow.db'}")
-    run = mlflow.get_run(meta["mlflow_run_id"])
+    run = mlflow.get_run(run_id)
     assert run.info.run_name == "workspace-resnet50"
     assert run.data.tags["dvc_experiment"] == "workspace"
     assert run.data.tags["dvc_stage"] == "train@resnet50"
     assert run.data.tags["data_hash"] == meta["data_hash"]
     assert "git_commit" in run.data.tags and "git_dirty" in run.data.tags
-    assert run.data.params["loss.gamma"] == "2.0" and run.data.params["backbone"] == "resnet50"
-    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")
+    assert run.data.params["loss.gamma"] == "1.5" and run.data.params["backbone"] == "resnet50"
+    history = mlflow.MlflowClient().get_metric_history(run_id, "val_loss")
     assert [m.step for m in history] == [1, 2]
     assert "test_roc_auc" in run.data.metrics  # added by evaluate, same run
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}

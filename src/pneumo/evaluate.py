@@ -20,7 +20,7 @@ from pneumo import tracking
 from pneumo.config import CLASS_NAMES, EvaluateConfig, Params
 from pneumo.data import CachedSplit
 from pneumo.metrics import binary_metrics, choose_threshold, metrics_with_ci
-from pneumo.records import Evaluation
+from pneumo.records import Evaluation, ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,8 @@ def evaluate(params: Params, backbone: str, cache_dir: Path, model_dir: Path, ou
     png = _plots(frames["test"], threshold, test_metrics["roc_auc"], out_dir, title)
     record_file = record.write(out_dir)
 
-    with tracking.resume_run(params.tracking, card.mlflow_run_id) as run:
+    training_run = tracking.training_run_of(ModelCard.weights(model_dir))
+    with tracking.resume_run(params.tracking, training_run) as run:
         if run is not None:
             flat = {f"test_{m}": v["value"] for m, v in test_metrics.items() if isinstance(v, dict)}
             flat |= {f"val_{m}": v for m, v in val_metrics.items()}

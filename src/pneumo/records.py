@@ -54,10 +54,15 @@ class Record(BaseModel):
 
 
 class ModelCard(Record):
-    """What a checkpoint needs besides its weights, in ``models/<backbone>``."""
+    """What a checkpoint needs besides its weights, in ``models/<backbone>``.
+
+    Only facts about the model: the MLflow run that trained it is noted outside DVC's
+    outputs (``pneumo.tracking.remember_training_run``), so a rerun gives the same folder.
+    """
 
     FILE = "meta.json"
     WRITER = "pneumo train {name}"
+    WEIGHTS: ClassVar[str] = "model.pt"
 
     backbone: str
     class_names: list[str]
@@ -65,11 +70,13 @@ class ModelCard(Record):
     resize: str
     normalisation: dict[str, list[float]]
     best_epoch: int
-    mlflow_run_id: str
-    mlflow_tracking_uri: str
-    dvc_experiment: str
     data_hash: str
     params: dict[str, Any]
+
+    @classmethod
+    def weights(cls, folder: Path) -> Path:
+        """The checkpoint (a state dict) that the card describes, beside it."""
+        return folder / cls.WEIGHTS
 
 
 class TrainSummary(Record):

@@ -105,16 +105,17 @@ def register(
         "test_accuracy": f"{evaluation.test['accuracy']['value']:.6f}",
         "test_roc_auc": f"{evaluation.test['roc_auc']['value']:.6f}",
     }
+    run_id = tracking.training_run_of(ModelCard.weights(model_dir))
     with (
         tempfile.TemporaryDirectory() as tmp,
-        tracking.resume_run(params.tracking, card.mlflow_run_id) as run,
+        tracking.resume_run(params.tracking, run_id) as run,
     ):
         inference_file = Path(tmp) / INFERENCE_FILE
         inference.save(inference_file)
         if run is None:
             raise UserError(
-                f"training run {card.mlflow_run_id} of {backbone} is not in the tracking "
-                "store; rerun `dvc repro --force train` to register models"
+                f"the training run of {backbone} ({run_id or 'not recorded in this clone'}) is "
+                "not in the tracking store; rerun `dvc repro --force train` to register models"
             )
         info = tracking.with_retries(
             lambda: mlflow.pyfunc.log_model(

@@ -9,6 +9,8 @@ execution logs to one database.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import subprocess
@@ -28,6 +30,7 @@ T = TypeVar("T")
 
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
+RUNS_DIR = Path(".pneumo/runs")
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -121,10 +124,13 @@ def start_run(
 
 
 @contextmanager
-def resume_run(config: TrackingConfig, run_id: str) -> Iterator[mlflow.ActiveRun | None]:
+def resume_run(config: TrackingConfig, run_id: str | None) -> Iterator[mlflow.ActiveRun | None]:
     """Reopen a training run by id; yields None (and warns) if this store does not have it."""
     import mlflow
 
+    if run_id is None:
+        yield None
+        return
     configure(config)
     try:
         with_retries(lambda: mlflow.get_run(run_id))
@@ -152,6 +158,39 @@ def close_run(config: TrackingConfig, run_id: str, *, status: str) -> None:
     if run.info.status == "RUNNING":
         with_retries(lambda: client.set_terminated(run_id, status))
         log.info("marked the interrupted MLflow run %s as %s", run_id, status)
+
+
+def _run_index(checkpoint: Path) -> Path:
+    digest = hashlib.sha256()
+    with checkpoint.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return repo_root() / RUNS_DIR / f"{digest.hexdigest()[:24]}.json"
+
+
+def remember_training_run(checkpoint: Path, run_id: str) -> None:
+    """Note which MLflow run trained ``checkpoint``, outside every DVC output.
+
+    The run id is not a fact about the model: kept in the model folder, it would change the
+    folder's hash on every rerun (so a fresh clone's `dvc repro` would rewrite dvc.lock).
+    The note is keyed by the checkpoint's content, in the repository root's ``.pneumo/``,
+    so queued experiments and checkpoints restored from DVC's run cache find it too.
+    """
+    index = _run_index(checkpoint)
+    index.parent.mkdir(parents=True, exist_ok=True)
+    index.write_text(json.dumps({"mlflow_run_id": run_id}) + "\n")
+
+
+def training_run_of(checkpoint: Path) -> str | None:
+    """The MLflow run that trained ``checkpoint``, if this repository trained it."""
+    index = _run_index(checkpoint)
+    if not index.is_file():
+        log.warning(
+            "no MLflow training run is recorded here for %s (trained in another clone?)",
+            checkpoint,
+        )
+        return None
+    return json.loads(index.read_text())["mlflow_run_id"]
 
 
 def log_params(params: dict[str, Any]) -> None:

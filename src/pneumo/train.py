@@ -47,7 +47,6 @@ from pneumo.records import ModelCard, TrainSummary
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "model.pt"
 CURVES_PNG = "curves.png"
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auc", "lr"]
 
@@ -474,20 +473,18 @@ def _tracked_training(
             resize=params.data.resize,
             normalisation=normalisation(params.model.pretrained),
             best_epoch=result.best_epoch,
-            mlflow_run_id=run.info.run_id,
-            mlflow_tracking_uri=tracking.tracking_uri(params.tracking),
-            dvc_experiment=tracking.experiment_name(),
             data_hash=data_hash,
             params=params.model_dump(mode="json"),
         )
 
         with staged_dir(model_dir) as staging:
-            torch.save(result.model.cpu().state_dict(), staging / CHECKPOINT)
+            torch.save(result.model.cpu().state_dict(), ModelCard.weights(staging))
             card_file = card.write(staging)
             _curves_png(history, backbone, staging / CURVES_PNG)
             tracking.log_metrics({f"best_{k}": v for k, v in result.best.items() if k != "epoch"})
-            tracking.log_artifacts([staging / CHECKPOINT, card_file, staging / CURVES_PNG])
+            tracking.log_artifacts([ModelCard.weights(staging), card_file, staging / CURVES_PNG])
             tracking.log_dict(params.model_dump(mode="json"), "params.json")
+    tracking.remember_training_run(ModelCard.weights(model_dir), run.info.run_id)
     write_text_atomic(history_file, history.to_csv(index=False))
     summary.write(report_dir)
     state_path.unlink(missing_ok=True)  # finished: nothing left to resume
@@ -505,6 +502,6 @@ def load_checkpoint(model_dir: Path) -> tuple[nn.Module, ModelCard]:
         dropout=model_params["dropout"],
         hidden_size=model_params["hidden_size"],
     )
-    state = torch.load(model_dir / CHECKPOINT, map_location="cpu", weights_only=True)
+    state = torch.load(ModelCard.weights(model_dir), map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.eval(), card
