@@ -42,6 +42,9 @@ def test_fetch_and_preprocess_the_dev_archive(in_tmp):
     # 62 files form 30 byte-identical groups, all within one split: 32 surplus copies, of
     # which the ones in the pooled train+val are removed (test stays untouched).
     assert 0 < report["duplicates_removed"]["pool_identical_within_pool"] <= 32
+    # Keyed per category (personN_virus, personN_bacteria), no training patient is a test
+    # patient: the archive's test split was carved patient-disjoint, so none is removed.
+    assert report["duplicates_removed"]["pool_of_test_patients"] == 0
     assert all(n == 0 for part in report["overlap"].values() for n in part.values())
     pooled = {s: sum(report["counts"][s].values()) for s in ("train", "val")}
     assert 0.1 < pooled["val"] / (pooled["train"] + pooled["val"]) < 0.2
