@@ -1,11 +1,8 @@
-"""compare, the model registry with its promotion gate, the pyfunc model and predict."""
+"""compare, the model registry with its promotion gate, and predict on model folders."""
 
 from __future__ import annotations
 
-import base64
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -113,48 +110,6 @@ def test_promote_without_a_challenger_explains_what_to_run(project_copy):
 
 def _some_images(root: Path, n: int = 3) -> list[Path]:
     return sorted((root / "data/raw/test").rglob("*.jpeg"))[:n]
-
-
-def test_champion_pyfunc_round_trip_in_a_fresh_process(compared):
-    assert run_cli("promote").exit_code == 0
-    images = _some_images(compared)
-    encoded = [base64.b64encode(p.read_bytes()).decode() for p in images]
-    code = (
-        "import json, sys, mlflow, pandas as pd;"
-        f"mlflow.set_tracking_uri('sqlite:///{compared / 'mlflow.db'}');"
-        f"model = mlflow.pyfunc.load_model('models:/{NAME}@champion');"
-        "frame = pd.DataFrame({'image': json.load(sys.stdin)});"
-        "print(model.predict(frame).to_json(orient='records'))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], input=json.dumps(encoded), capture_output=True,
-        text=True, check=True, cwd=compared,
-    )  # fmt: skip
-    predicted = pd.DataFrame(json.loads(out.stdout.strip().splitlines()[-1]))
-    assert list(predicted.columns) == ["probability", "label"]
-    assert predicted.probability.between(0, 1).all()
-
-    cli = run_cli("predict", *map(str, images), "--output", "json")
-    assert cli.exit_code == 0, cli.output
-    rows = json.loads(cli.output)
-    assert [r["probability"] for r in rows] == pytest.approx(list(predicted.probability))
-    assert [r["label"] for r in rows] == list(predicted.label)
-
-
-def test_pyfunc_accepts_prepared_pixel_arrays(compared):
-    import numpy as np
-
-    from pneumo.images import prepare_image
-
-    assert run_cli("promote").exit_code == 0
-    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
-    image = _some_images(compared, 1)[0]
-    pixels = prepare_image(image.read_bytes(), 32, "pad")
-    as_pixels = model.predict(pd.DataFrame({"image": [pixels]}))
-    as_bytes = model.predict(pd.DataFrame({"image": [image.read_bytes()]}))
-    assert as_pixels.probability[0] == pytest.approx(as_bytes.probability[0])
-    with pytest.raises(ValueError, match="uint8"):
-        model.predict(pd.DataFrame({"image": [np.zeros((5, 5), np.uint8)]}))
 
 
 def test_predict_reports_a_corrupt_file_and_still_predicts_the_others(project_copy):

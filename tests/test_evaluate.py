@@ -1,4 +1,4 @@
-"""TTA views and the evaluate stage on the tiny trained project."""
+"""The evaluate stage on the tiny trained project: metrics, threshold, plots, model folder."""
 
 from __future__ import annotations
 
@@ -7,60 +7,9 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from torch import nn
 
-from pneumo.evaluate import pr_panel, roc_panel, tta_probabilities, tta_view
+from pneumo.evaluate import pr_panel, roc_panel
 from tests.conftest import run_cli
-
-
-def _symmetric_image() -> torch.Tensor:
-    half = torch.randint(0, 256, (1, 1, 16, 8), dtype=torch.uint8)
-    return torch.cat([half, half.flip(-1)], dim=-1)
-
-
-def test_hflip_of_a_symmetric_image_is_the_image():
-    image = _symmetric_image()
-    assert torch.equal(tta_view("hflip")(image), image)
-    asymmetric = torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4)
-    assert torch.equal(tta_view("hflip")(asymmetric), asymmetric.flip(-1))
-
-
-def test_identity_zero_rotation_and_unit_scale_change_nothing():
-    image = torch.randint(0, 256, (2, 1, 12, 12), dtype=torch.uint8)
-    for spec in ("identity", "rotate:0", "scale:1.0"):
-        assert torch.equal(tta_view(spec)(image), image), spec
-
-
-def test_rotation_by_ninety_degrees_is_exact():
-    image = torch.arange(25, dtype=torch.uint8).view(1, 1, 5, 5)
-    assert torch.equal(tta_view("rotate:90")(image), torch.rot90(image, 1, dims=(-2, -1)))
-
-
-def test_scale_zooms_about_the_centre():
-    image = torch.zeros(1, 1, 9, 9, dtype=torch.uint8)
-    image[..., 4, 4] = 255
-    zoomed = tta_view("scale:2.0")(image)
-    assert zoomed[..., 4, 4].item() == 255 and zoomed.sum() > image.sum()
-
-
-class MeanBrightness(nn.Module):
-    """Logit = mean of the left half minus mean of the right half (flip-sensitive)."""
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.float() / 255
-        half = x.shape[-1] // 2
-        return (x[..., :half].mean((1, 2, 3)) - x[..., half:].mean((1, 2, 3))) * 4
-
-
-def test_tta_probabilities_average_views_per_image():
-    images = np.zeros((3, 8, 8), np.uint8)
-    images[:, :, :4] = 255  # bright left half
-    per_view = tta_probabilities(MeanBrightness(), images, ["identity", "hflip"], batch_size=2)
-    assert per_view.shape == (2, 3)
-    assert per_view[0] == pytest.approx(1 / (1 + np.exp(-4)))
-    assert per_view[1] == pytest.approx(1 / (1 + np.exp(4)))
-    assert per_view.mean(axis=0) == pytest.approx(0.5)
 
 
 def test_evaluate_outputs(tiny_project):

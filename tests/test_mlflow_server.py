@@ -74,7 +74,7 @@ def test_runs_params_and_metrics_are_served(server, tiny_project, monkeypatch):
     params = {p["key"]: p["value"] for p in resnet["data"]["params"]}
     metrics = {m["key"]: m["value"] for m in resnet["data"]["metrics"]}
     monkeypatch.chdir(tiny_project)  # the run index lies in the repository root
-    run_id = tracking.training_run_of(tiny_project / "models/resnet50/model.pt")
+    run_id = tracking.training_run_of(tiny_project / "checkpoints/resnet50/model.pt")
     assert resnet["info"]["run_id"] == run_id
     assert params["backbone"] == "resnet50" and params["train.epochs"] == "2"
     assert {"val_loss", "val_auc", "test_roc_auc", "threshold"} <= set(metrics)

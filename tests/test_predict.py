@@ -9,7 +9,7 @@ def test_predict_with_a_missing_model_folder_says_what_to_pass(in_tmp):
     image = write_tree(in_tmp, {"scan.jpeg": jpeg_bytes(1)}) / "scan.jpeg"
     result = run_cli("predict", "--model", "models/nonexistent", str(image), params={})
     assert result.exit_code == 1
-    assert result.output.startswith("Error: models/nonexistent is not a trained model folder")
+    assert result.output.startswith("Error: models/nonexistent is not a model folder")
     assert "--model models/<backbone>" in result.output and "Traceback" not in result.output
 
 

@@ -46,7 +46,7 @@ def test_dvc_yaml_paths_match_the_code():
     assert _outs(stages["preprocess"]) == {str(paths.PROCESSED_DIR)}
     assert str(paths.RAW_DIR) in stages["preprocess"]["deps"]
     assert _outs(stages["train"]) == {
-        str(paths.model_dir(b)),
+        str(paths.checkpoint_dir(b)),
         str(TrainSummary.path(paths.train_report_dir(b))),
         str(paths.history_csv(b)),
     }
@@ -57,8 +57,10 @@ def test_dvc_yaml_paths_match_the_code():
         *(str(Evaluation.predictions(evaluate_dir, split)) for split in ("test", "val")),
         *(str(evaluate_dir / name) for name in ("evaluation.png", "roc.csv", "pr.csv")),
         str(evaluate_dir / "calibration.csv"),
+        str(paths.model_dir(b)),
     }
-    assert str(paths.model_dir(b)) in stages["evaluate"]["deps"]
+    assert str(paths.checkpoint_dir(b)) in stages["evaluate"]["deps"]
+    assert {str(paths.MODELS_DIR), str(paths.RAW_DIR)} <= set(stages["compare"]["deps"])
     comparison = Comparison.path(paths.REPORTS_DIR)
     assert _outs(stages["compare"]) == {
         str(p) for p in (comparison, paths.COMPARISON_MD, paths.COMPARISON_ROC_PNG)

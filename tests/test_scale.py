@@ -200,7 +200,7 @@ def test_training_killed_after_an_epoch_resumes_to_the_identical_checkpoint(tiny
     uninterrupted, killed = tmp_path / "uninterrupted", tmp_path / "killed"
     for project in (uninterrupted, killed):
         shutil.copytree(tiny_project, project)
-        shutil.rmtree(project / "models")
+        shutil.rmtree(project / "checkpoints")
         (project / "mlflow.db").unlink()
         _write_params(project, epochs=epochs, patience=epochs)
     assert _pneumo("train", "resnet50", cwd=uninterrupted).wait() == 0
@@ -213,7 +213,7 @@ def test_training_killed_after_an_epoch_resumes_to_the_identical_checkpoint(tiny
     process.wait()
     stopped_after = _state_epoch(killed)
     assert 1 <= stopped_after < epochs, "the kill came too late to test resuming"
-    assert not (killed / "models/resnet50").exists()
+    assert not (killed / "checkpoints/resnet50").exists()
     [interrupted] = _runs(killed)
     assert interrupted.info.status == "RUNNING"  # what SIGKILL leaves behind
 
@@ -222,8 +222,8 @@ def test_training_killed_after_an_epoch_resumes_to_the_identical_checkpoint(tiny
     assert rerun.returncode == 0, output
     assert f"resuming after epoch {stopped_after}" in output
 
-    reference = torch.load(uninterrupted / "models/resnet50/model.pt", weights_only=True)
-    resumed = torch.load(killed / "models/resnet50/model.pt", weights_only=True)
+    reference = torch.load(uninterrupted / "checkpoints/resnet50/model.pt", weights_only=True)
+    resumed = torch.load(killed / "checkpoints/resnet50/model.pt", weights_only=True)
     assert reference.keys() == resumed.keys()
     for name, tensor in reference.items():
         assert torch.equal(tensor, resumed[name]), name
@@ -263,15 +263,15 @@ def test_torchrun_with_two_cpu_processes_trains_and_writes_once(tiny_project, tm
     for nproc in (1, 2):
         project = tmp_path / f"nproc{nproc}"
         shutil.copytree(tiny_project, project)
-        shutil.rmtree(project / "models")
+        shutil.rmtree(project / "checkpoints")
         (project / "mlflow.db").unlink()
         _write_params(project, epochs=3, patience=3, nproc=nproc, device="cpu")
         done = _pneumo("train", "resnet50", cwd=project)
         output = done.communicate(timeout=900)[0]
         assert done.returncode == 0, output
-        assert [p.name for p in (project / "models").iterdir()] == ["resnet50"]
-        assert list((project / "models/resnet50").glob("*.pt")) == [
-            project / "models/resnet50/model.pt"
+        assert [p.name for p in (project / "checkpoints").iterdir()] == ["resnet50"]
+        assert list((project / "checkpoints/resnet50").glob("*.pt")) == [
+            project / "checkpoints/resnet50/model.pt"
         ]
         [run] = _runs(project)
         assert run.data.params["world_size"] == str(nproc)

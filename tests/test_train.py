@@ -12,27 +12,27 @@ import torch
 from pneumo import tracking
 from pneumo.config import parse_params
 from pneumo.data import ArrayDataset, CachedSplit, make_loader
+from pneumo.inference import load_network
 from pneumo.losses import FocalLoss
 from pneumo.models import build_model
 from pneumo.train import (
     Precision,
     TrainingDivergedError,
     fit,
-    load_checkpoint,
     train_one_epoch,
 )
 from tests.conftest import TINY_PARAMS, run_cli
 
 
 def test_outputs_of_the_train_stage(tiny_project):
-    model_dir = tiny_project / "models/resnet50"
+    model_dir = tiny_project / "checkpoints/resnet50"
     meta = json.loads((model_dir / "meta.json").read_text())
     assert meta["backbone"] == "resnet50" and meta["class_names"] == ["NORMAL", "PNEUMONIA"]
     assert meta["image_size"] == 32 and meta["normalisation"]["mean"] == [0.5, 0.5, 0.5]
     assert 1 <= meta["best_epoch"] <= 2 and meta["params"]["loss"]["name"] == "focal"
     state = torch.load(model_dir / "model.pt", weights_only=True)
     assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
-    model, _ = load_checkpoint(model_dir)
+    model, _ = load_network(model_dir)
     assert not model.training
     history = pd.read_csv(tiny_project / "reports/history/resnet50.csv")
     assert list(history.epoch) == [1, 2]
@@ -42,10 +42,10 @@ def test_outputs_of_the_train_stage(tiny_project):
 
 
 def test_the_training_run_is_in_mlflow(tiny_project, monkeypatch):
-    meta = json.loads((tiny_project / "models/resnet50/meta.json").read_text())
+    meta = json.loads((tiny_project / "checkpoints/resnet50/meta.json").read_text())
     assert "mlflow_run_id" not in meta  # the folder holds facts about the model only
     monkeypatch.chdir(tiny_project)  # the run index lies in the repository root
-    run_id = tracking.training_run_of(tiny_project / "models/resnet50/model.pt")
+    run_id = tracking.training_run_of(tiny_project / "checkpoints/resnet50/model.pt")
     mlflow.set_tracking_uri(f"sqlite:///{tiny_project / 'mlflow.db'}")
     run = mlflow.get_run(run_id)
     assert run.info.run_name == "workspace-resnet50"
@@ -120,7 +120,7 @@ def test_cpu_runs_in_full_precision_and_cuda_in_the_chosen_one():
 
 def test_interrupted_training_leaves_the_previous_checkpoint_untouched(project_copy, monkeypatch):
     before = {
-        p: p.read_bytes() for p in sorted((project_copy / "models").rglob("*")) if p.is_file()
+        p: p.read_bytes() for p in sorted((project_copy / "checkpoints").rglob("*")) if p.is_file()
     }
 
     def interrupted(*args, **kwargs):
@@ -129,7 +129,9 @@ def test_interrupted_training_leaves_the_previous_checkpoint_untouched(project_c
     monkeypatch.setattr("pneumo.train._curves_png", interrupted)
     result = run_cli("train", "resnet50")
     assert result.exit_code != 0
-    after = {p: p.read_bytes() for p in sorted((project_copy / "models").rglob("*")) if p.is_file()}
+    after = {
+        p: p.read_bytes() for p in sorted((project_copy / "checkpoints").rglob("*")) if p.is_file()
+    }
     assert after == before  # no new checkpoint, no staging folder left behind
 
 

@@ -137,7 +137,7 @@ def validate(ctx: click.Context) -> None:
 @click.pass_context
 @_friendly
 def train(ctx: click.Context, backbone: str) -> None:
-    """Train BACKBONE on the cache; writes models/BACKBONE and its reports.
+    """Train BACKBONE on the cache; writes checkpoints/BACKBONE and its reports.
 
     With train.nproc > 1 it starts itself under torchrun, one process per GPU (or CPU share).
     """
@@ -161,7 +161,7 @@ def train(ctx: click.Context, backbone: str) -> None:
         params,
         backbone,
         paths.PROCESSED_DIR,
-        paths.model_dir(backbone),
+        paths.checkpoint_dir(backbone),
         paths.train_report_dir(backbone),
         paths.history_csv(backbone),
     )
@@ -172,7 +172,8 @@ def train(ctx: click.Context, backbone: str) -> None:
 @click.pass_context
 @_friendly
 def evaluate(ctx: click.Context, backbone: str) -> None:
-    """Evaluate BACKBONE with TTA; writes reports/eval/BACKBONE."""
+    """Evaluate BACKBONE with TTA; writes reports/eval/BACKBONE and the model folder
+    models/BACKBONE."""
     params = _params(ctx)
     from pneumo.evaluate import evaluate as run_evaluate
 
@@ -180,6 +181,7 @@ def evaluate(ctx: click.Context, backbone: str) -> None:
         params,
         backbone,
         paths.PROCESSED_DIR,
+        paths.checkpoint_dir(backbone),
         paths.model_dir(backbone),
         paths.eval_report_dir(backbone),
     )
@@ -248,28 +250,36 @@ def promote(ctx: click.Context, version: str | None, force: bool) -> None:
 @click.option(
     "--model",
     default=None,
-    help="models:/<name>@<alias> (default: models:/<registry name>@champion) or models/<backbone>.",
+    help="A model folder such as models/resnet50, or models:/<name>@<alias> "
+    "(default: models:/<registry name>@champion).",
 )
 @click.option("--output", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option(
+    "--explain",
+    "explain_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write a Grad-CAM heatmap PNG per image into this folder.",
+)
 @click.pass_context
 @_friendly
-def predict(ctx: click.Context, inputs: tuple[Path, ...], model: str | None, output: str) -> None:
+def predict(
+    ctx: click.Context,
+    inputs: tuple[Path, ...],
+    model: str | None,
+    output: str,
+    device: str,
+    explain_dir: Path | None,
+) -> None:
     """Predict PNEUMONIA for image files or folders; unreadable files make the exit code 1."""
-    from pneumo.predict import predict_paths
+    from pneumo import predict as prediction
 
-    params = _params(ctx)
-    rows = predict_paths(params, list(inputs), model)
-    if output == "json":
-        click.echo(json.dumps(rows, indent=2))
-    else:
-        import csv
-
-        writer = csv.DictWriter(
-            sys.stdout, fieldnames=["file", "probability", "label", "error"], lineterminator="\n"
-        )
-        writer.writeheader()
-        writer.writerows(rows)
-    if any("error" in row for row in rows):
+    files = prediction.expand_inputs(list(inputs))  # a wrong path fails before loading a model
+    classifier = prediction.load_classifier(model, device, lambda: _params(ctx))
+    rows = prediction.predict_files(classifier, files, explain_dir)
+    columns = prediction.COLUMNS + (["explanation"] if explain_dir else [])
+    if prediction.write_rows(rows, output, sys.stdout, columns):
         ctx.exit(1)
 
 

@@ -7,63 +7,23 @@ test split is predicted once and never looked at to pick anything.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
 from pneumo import tracking
 from pneumo.config import CLASS_NAMES, EvaluateConfig, Params
 from pneumo.data import CachedSplit
+from pneumo.devices import resolve_device
+from pneumo.files import staged_dir
+from pneumo.inference import load_network, sha256_of, tta_probabilities
 from pneumo.metrics import binary_metrics, choose_threshold, metrics_with_ci
-from pneumo.records import Evaluation, ModelCard
+from pneumo.records import Evaluation, InferenceSettings, ModelCard
 
 log = logging.getLogger(__name__)
-
-View = Callable[[torch.Tensor], torch.Tensor]
-BILINEAR = InterpolationMode.BILINEAR
-
-
-def tta_view(spec: str) -> View:
-    """``identity``, ``hflip``, ``rotate:<degrees>`` or ``scale:<factor>`` on (N, C, H, W)."""
-    name, _, arg = spec.partition(":")
-    if name == "identity":
-        return lambda x: x
-    if name == "hflip":
-        return F.horizontal_flip
-    if name == "rotate":
-        return lambda x: F.rotate(x, float(arg), interpolation=BILINEAR)
-    if name == "scale":
-        return lambda x: F.affine(
-            x, angle=0.0, translate=[0, 0], scale=float(arg), shear=[0.0], interpolation=BILINEAR
-        )
-    raise ValueError(f"unknown TTA view {spec!r}")
-
-
-@torch.inference_mode()
-def tta_probabilities(
-    model: torch.nn.Module,
-    images: np.ndarray,
-    views: list[str],
-    *,
-    batch_size: int = 64,
-    device: torch.device | str = "cpu",
-) -> np.ndarray:
-    """PNEUMONIA probabilities, shape (len(views), N): one row per view."""
-    model.eval()
-    transforms = [tta_view(v) for v in views]
-    out = np.empty((len(views), len(images)), dtype=np.float64)
-    for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.array(images[start : start + batch_size]))[:, None]
-        batch = batch.to(device)
-        for row, view in enumerate(transforms):
-            probs = torch.sigmoid(model(view(batch)).float())
-            out[row, start : start + len(batch)] = probs.cpu().numpy()
-    return out
 
 
 def predictions_frame(split: CachedSplit, views: list[str], per_view: np.ndarray, threshold):
@@ -208,17 +168,24 @@ def assess(
     return metrics, per_view, threshold
 
 
-def evaluate(params: Params, backbone: str, cache_dir: Path, model_dir: Path, out_dir: Path):
-    """Predict val and test with TTA, choose the threshold on val, write metrics and plots."""
-    from pneumo.train import load_checkpoint, resolve_device
-
+def evaluate(
+    params: Params,
+    backbone: str,
+    cache_dir: Path,
+    checkpoint_dir: Path,
+    model_dir: Path,
+    out_dir: Path,
+) -> Evaluation:
+    """Predict val and test with TTA, choose the threshold on val, write metrics and plots,
+    and assemble the model folder: the checkpoint with the settings chosen here."""
     cfg = params.evaluate
     device = resolve_device(params.train.device)
-    model, card = load_checkpoint(model_dir)
+    model, card = load_network(checkpoint_dir)
     model.to(device)
     splits = {name: CachedSplit.load(cache_dir, name) for name in ("val", "test")}
     assessed, per_view, threshold = assess(model, splits, cfg, device)
     record = Evaluation(backbone=backbone, **assessed, data_hash=card.data_hash)
+    write_model_folder(checkpoint_dir, model_dir, record)
     test_metrics, val_metrics, no_tta = record.test, record.val, record.test_no_tta
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -232,7 +199,7 @@ def evaluate(params: Params, backbone: str, cache_dir: Path, model_dir: Path, ou
     png = _plots(frames["test"], threshold, test_metrics["roc_auc"], out_dir, title)
     record_file = record.write(out_dir)
 
-    training_run = tracking.training_run_of(ModelCard.weights(model_dir))
+    training_run = tracking.training_run_of(ModelCard.weights(checkpoint_dir))
     with tracking.resume_run(params.tracking, training_run) as run:
         if run is not None:
             flat = {f"test_{m}": v["value"] for m, v in test_metrics.items() if isinstance(v, dict)}
@@ -250,3 +217,19 @@ def evaluate(params: Params, backbone: str, cache_dir: Path, model_dir: Path, ou
         cfg.threshold,
     )
     return record
+
+
+def write_model_folder(checkpoint_dir: Path, model_dir: Path, evaluation: Evaluation) -> None:
+    """The checkpoint's weights and card plus the inference settings evaluation chose, in one
+    folder that predicts on its own wherever it is copied."""
+    weights = ModelCard.weights(checkpoint_dir)
+    settings = InferenceSettings(
+        tta_views=evaluation.tta_views,
+        threshold=evaluation.threshold,
+        threshold_rule=evaluation.threshold_rule,
+        weights_sha256=sha256_of(weights),
+    )
+    with staged_dir(model_dir) as staging:
+        shutil.copyfile(weights, ModelCard.weights(staging))
+        shutil.copyfile(ModelCard.path(checkpoint_dir), ModelCard.path(staging))
+        settings.write(staging)

@@ -16,7 +16,8 @@ PROCESSED_MANIFEST = PROCESSED_DIR / "manifest.csv"
 PROCESSED_REPORT = PROCESSED_DIR / "report.json"
 PROCESSED_SAMPLES_PNG = PROCESSED_DIR / "samples.png"
 
-MODELS_DIR = Path("models")
+CHECKPOINTS_DIR = Path("checkpoints")  # written by train
+MODELS_DIR = Path("models")  # model folders ready to use, written by evaluate
 REPORTS_DIR = Path("reports")
 RESOLVED_PARAMS = REPORTS_DIR / "params.json"  # params.yaml validated, defaults filled in
 COMPARISON_MD = REPORTS_DIR / "comparison.md"
@@ -33,7 +34,14 @@ def processed_images(split: str) -> Path:
     return PROCESSED_DIR / f"{split}_images.npy"
 
 
+def checkpoint_dir(backbone: str) -> Path:
+    """The trained weights and their card, as train leaves them."""
+    return CHECKPOINTS_DIR / backbone
+
+
 def model_dir(backbone: str) -> Path:
+    """The checkpoint with the inference settings evaluate chose: what predict and the
+    registry use, and what can be copied anywhere."""
     return MODELS_DIR / backbone
 
 

@@ -1,99 +1,33 @@
-"""Inference on image files: the same preparation, TTA views and threshold as evaluation.
+"""`pneumo predict`: PNEUMONIA probability and label for image files and folders.
 
-:class:`Predictor` is used by ``pneumo predict`` on a local ``models/<backbone>`` folder and,
-wrapped by :mod:`pneumo.registry`, inside the registered MLflow pyfunc model.
+A model folder is loaded by :mod:`pneumo.inference` alone, without MLflow, so one image from a
+new process answers quickly. A ``models:/<name>@<alias>`` URI loads the registered MLflow model
+(:mod:`pneumo.serving`), which wraps the same :class:`~pneumo.inference.Classifier`. Files are
+read, predicted and written a batch at a time, so a folder of any size runs in bounded memory.
 """
 
 from __future__ import annotations
 
+import csv
 import json
-from dataclasses import asdict, dataclass
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
-import numpy as np
-
-from pneumo import paths
-from pneumo.config import CLASS_NAMES
 from pneumo.errors import UserError
-from pneumo.images import IMAGE_SUFFIXES, ImageDecodeError, prepare_image
-from pneumo.records import Evaluation, ModelCard
+from pneumo.images import IMAGE_SUFFIXES
+from pneumo.inference import Classifier
 
-INFERENCE_FILE = "inference.json"
+if TYPE_CHECKING:
+    from pneumo.config import Params
+
+COLUMNS = ["file", "probability", "label", "error"]
+PROGRESS_FROM = 8  # files; fewer finish before a progress bar would say anything
 
 
 class PredictError(UserError):
     """The model or the inputs to predict on cannot be used; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class InferenceConfig:
-    """Everything needed besides the weights: how to prepare images and decide."""
-
-    image_size: int
-    resize: str
-    tta_views: list[str]
-    threshold: float
-
-    @classmethod
-    def from_records(cls, card: ModelCard, evaluation: Evaluation) -> InferenceConfig:
-        """Preparation from training's card; TTA views and threshold from the evaluation."""
-        return cls(card.image_size, card.resize, evaluation.tta_views, evaluation.threshold)
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: Path) -> InferenceConfig:
-        return cls(**json.loads(path.read_text()))
-
-
-class Predictor:
-    def __init__(self, model_dir: Path, inference: InferenceConfig) -> None:
-        from pneumo.train import load_checkpoint
-
-        self.model, self.card = load_checkpoint(model_dir)
-        self.inference = inference
-
-    @classmethod
-    def from_model_dir(cls, model_dir: Path) -> Predictor:
-        """A local ``models/<backbone>`` folder, with its evaluation from reports/eval/."""
-        if not ModelCard.path(model_dir).is_file():
-            raise PredictError(
-                f"{model_dir} is not a trained model folder (no {ModelCard.FILE}): pass "
-                "--model models/<backbone> after `dvc repro`, or a models:/<name>@<alias> URI"
-            )
-        card = ModelCard.read(model_dir)
-        evaluation = Evaluation.read(paths.eval_report_dir(card.backbone))
-        return cls(model_dir, InferenceConfig.from_records(card, evaluation))
-
-    def prepare(self, data: bytes) -> np.ndarray:
-        return prepare_image(data, self.inference.image_size, self.inference.resize)
-
-    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """Mean PNEUMONIA probability over the TTA views for (N, size, size) uint8 pixels."""
-        from pneumo.evaluate import tta_probabilities
-
-        return tta_probabilities(self.model, pixels, self.inference.tta_views).mean(axis=0)
-
-    def predict_files(self, files: list[Path]) -> list[dict]:
-        """One row per file; unreadable files get an ``error`` and no probability."""
-        rows: list[dict] = []
-        ready: list[tuple[int, np.ndarray]] = []
-        for file in files:
-            try:
-                ready.append((len(rows), self.prepare(file.read_bytes())))
-                rows.append({"file": str(file)})
-            except (ImageDecodeError, OSError) as exc:
-                rows.append({"file": str(file), "error": str(exc)})
-        if ready:
-            probabilities = self.probabilities(np.stack([pixels for _, pixels in ready]))
-            for (row, _), probability in zip(ready, probabilities, strict=True):
-                rows[row] |= self.decide(float(probability))
-        return rows
-
-    def decide(self, probability: float) -> dict:
-        positive = probability >= self.inference.threshold
-        return {"probability": probability, "label": CLASS_NAMES[int(positive)]}
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:
@@ -116,25 +50,68 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
     return files
 
 
-def load_predictor(params, model: str | None) -> Predictor:
-    """A local ``models/<backbone>`` folder, or a registry URI (default ``@champion``)."""
+def load_classifier(model: str | None, device: str, params: Callable[[], Params]) -> Classifier:
+    """A model folder, or a registry URI (default ``models:/<registry.model_name>@champion``).
+
+    ``params`` is called only for the registry, which needs the tracking settings: a model
+    folder predicts anywhere, without params.yaml.
+    """
     if model and not model.startswith("models:/"):
-        return Predictor.from_model_dir(Path(model))
+        return Classifier.load(Path(model), device)
     import mlflow
 
     from pneumo import tracking
 
-    tracking.configure(params.tracking)
-    uri = model or f"models:/{params.registry.model_name}@champion"
+    settings = params()
+    tracking.configure(settings.tracking)
+    uri = model or f"models:/{settings.registry.model_name}@champion"
     try:
-        return mlflow.pyfunc.load_model(uri).unwrap_python_model().predictor
+        loaded = mlflow.pyfunc.load_model(uri, model_config={"inference_device": device})
     except mlflow.exceptions.MlflowException as exc:
         raise PredictError(
             f"cannot load {uri} from {mlflow.get_tracking_uri()}: {exc.message}. "
             "Run `dvc repro` and `pneumo promote`, or pass --model models/<backbone>"
         ) from exc
+    return loaded.unwrap_python_model().classifier
 
 
-def predict_paths(params, inputs: list[Path], model: str | None) -> list[dict]:
-    files = expand_inputs(inputs)  # first: a wrong path fails before a model is loaded
-    return load_predictor(params, model).predict_files(files)
+def predict_files(
+    classifier: Classifier, files: list[Path], explain_dir: Path | None = None
+) -> Iterator[dict]:
+    """Rows in file order with a progress bar on stderr; with ``explain_dir``, a Grad-CAM
+    PNG per predicted image (named in the row's ``explanation``)."""
+    from tqdm import tqdm
+
+    explainer = None
+    if explain_dir is not None:
+        from pneumo.explain import Explainer
+
+        explainer = Explainer(classifier, explain_dir)
+    with tqdm(
+        total=len(files), unit="img", file=sys.stderr, disable=len(files) < PROGRESS_FROM
+    ) as progress:
+        for row in classifier.predict_files(files):
+            if explainer is not None and "error" not in row:
+                row["explanation"] = str(explainer.explain(Path(row["file"]), row))
+            progress.update()
+            yield row
+
+
+def write_rows(rows: Iterable[dict], output: str, stream: TextIO, columns: list[str]) -> bool:
+    """Write each row as it comes (CSV, or a JSON list); True when any row has an error."""
+    failed = False
+    if output == "csv":
+        writer = csv.DictWriter(stream, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+    else:
+        stream.write("[")
+    for index, row in enumerate(rows):
+        failed |= "error" in row
+        if output == "csv":
+            writer.writerow(row)
+        else:
+            stream.write(("," if index else "") + "\n  " + json.dumps(row))
+        stream.flush()
+    if output != "csv":
+        stream.write("\n]\n")
+    return failed

@@ -54,7 +54,8 @@ class Record(BaseModel):
 
 
 class ModelCard(Record):
-    """What a checkpoint needs besides its weights, in ``models/<backbone>``.
+    """What a checkpoint needs besides its weights, in ``checkpoints/<backbone>`` and, copied
+    by evaluate, in the model folder ``models/<backbone>``.
 
     Only facts about the model: the MLflow run that trained it is noted outside DVC's
     outputs (``pneumo.tracking.remember_training_run``), so a rerun gives the same folder.
@@ -77,6 +78,20 @@ class ModelCard(Record):
     def weights(cls, folder: Path) -> Path:
         """The checkpoint (a state dict) that the card describes, beside it."""
         return folder / cls.WEIGHTS
+
+
+class InferenceSettings(Record):
+    """How the model folder ``models/<backbone>`` decides, chosen by evaluate on the
+    validation split: TTA views, threshold, and the SHA-256 of the weights they were chosen
+    for (loading refuses other weights)."""
+
+    FILE = "inference.json"
+    WRITER = "pneumo evaluate {name}"
+
+    tta_views: list[str]
+    threshold: float
+    threshold_rule: str
+    weights_sha256: str
 
 
 class TrainSummary(Record):

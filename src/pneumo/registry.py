@@ -1,31 +1,35 @@
 """The only module that touches the MLflow model registry: versions, aliases, promotion.
 
-Each backbone's model is logged as an MLflow pyfunc that takes raw image files and returns
-probability and label, with the model's own preparation, TTA views and threshold inside.
-Versions are tagged with what produced them; aliases (``challenger``, ``champion``) mark the
-ones to use. The deprecated registry stages are not used.
+Each backbone's model folder is logged as an MLflow pyfunc model from code
+(:mod:`pneumo.serving`, no pickle) with a signature, a real input example, complete pinned
+requirements and the SHA-256 of its weights, and registered as a new version. Versions are
+tagged with what produced them; aliases (``challenger``, ``champion``) mark the ones to use.
+The deprecated registry stages are not used.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
+import shutil
 import tempfile
 from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as installed_version
 from pathlib import Path
-from typing import Any
 
 import mlflow
-import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
 
 import pneumo
 from pneumo import paths, tracking
 from pneumo.config import Params
 from pneumo.errors import UserError
-from pneumo.predict import INFERENCE_FILE, InferenceConfig, Predictor
+from pneumo.inference import MODEL_ARTIFACT, SHIPPED_MODULES, Classifier
 from pneumo.records import Evaluation, ModelCard
 
 log = logging.getLogger(__name__)
@@ -33,71 +37,64 @@ log = logging.getLogger(__name__)
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 GATE_METRICS = ("select_by", "val_recall")
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "image")]),
+    outputs=Schema([ColSpec("double", "probability"), ColSpec("string", "label")]),
+)
+# Distributions the served model imports (tests/test_serving.py checks the list is complete);
+# pydicom joins when installed, so DICOM input works where the model is served.
+REQUIREMENTS = (
+    "torch", "torchvision", "efficientnet-pytorch", "mlflow", "numpy", "pandas", "pillow",
+    "pydantic",
+)  # fmt: skip
+OPTIONAL_REQUIREMENTS = ("pydicom",)
 
 
 class PromotionRefused(UserError):
     """The candidate would regress against the current champion."""
 
 
-class PneumoniaPyfunc(mlflow.pyfunc.PythonModel):
-    """Input: a DataFrame whose ``image`` column holds encoded files (base64 strings or bytes)
-    or uint8 pixel arrays already prepared; output: ``probability`` and ``label`` columns."""
-
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        model_dir = Path(context.artifacts["model_dir"])
-        inference = InferenceConfig.load(Path(context.artifacts["inference"]))
-        self.predictor = Predictor(model_dir, inference)
-
-    def _pixels(self, item: Any) -> np.ndarray:
-        if isinstance(item, str):
-            item = base64.b64decode(item, validate=True)
-        if isinstance(item, bytes | bytearray):
-            return self.predictor.prepare(bytes(item))
-        pixels = np.asarray(item, dtype=np.uint8)
-        size = self.predictor.inference.image_size
-        if pixels.shape != (size, size):
-            raise ValueError(f"pixel arrays must be ({size}, {size}) uint8, got {pixels.shape}")
-        return pixels
-
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        if "image" not in model_input:
-            raise ValueError("input needs an 'image' column (base64 file, bytes or uint8 array)")
-        pixels = np.stack([self._pixels(item) for item in model_input["image"]])
-        probabilities = self.predictor.probabilities(pixels)
-        return pd.DataFrame([self.predictor.decide(float(p)) for p in probabilities])
+def requirements() -> list[str]:
+    """Pinned to this environment's versions (without local tags such as ``+cu130``, which
+    package indexes do not serve)."""
+    pins = []
+    for name in REQUIREMENTS + OPTIONAL_REQUIREMENTS:
+        try:
+            pins.append(f"{name}=={installed_version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            if name not in OPTIONAL_REQUIREMENTS:
+                raise
+    return pins
 
 
-def _requirements() -> list[str]:
-    import efficientnet_pytorch
-    import torch
-    import torchvision
-
-    return [
-        f"torch=={torch.__version__.split('+')[0]}",
-        f"torchvision=={torchvision.__version__.split('+')[0]}",
-        f"efficientnet-pytorch=={efficientnet_pytorch.__version__}",
-        f"mlflow=={mlflow.__version__}",
-        "numpy",
-        "pandas",
-        "pillow",
-        "scikit-learn",
-        "pydantic",
-        "pyyaml",
-    ]
+def shipped_code(dest: Path) -> Path:
+    """A copy of the pneumo package holding only the modules the served model needs."""
+    package = dest / "pneumo"
+    package.mkdir(parents=True)
+    for module in SHIPPED_MODULES:
+        shutil.copy2(Path(pneumo.__file__).parent / module, package / module)
+    return package
 
 
-def register(
-    params: Params, backbone: str, model_dir: Path, evaluation: Evaluation, card: ModelCard
-) -> str:
-    """Log the backbone's pyfunc model in its training run and register a new version."""
+def input_example(evaluation_dir: Path) -> pd.DataFrame:
+    """The first test image of the evaluation, as the base64 file the model takes."""
+    first = pd.read_csv(Evaluation.predictions(evaluation_dir, "test"), nrows=1)["image"][0]
+    encoded = base64.b64encode((paths.RAW_DIR / first).read_bytes()).decode("ascii")
+    return pd.DataFrame({"image": [encoded]})
+
+
+def register(params: Params, backbone: str, model_dir: Path, evaluation: Evaluation) -> str:
+    """Log the backbone's model folder in its training run and register a new version."""
     client = MlflowClient()
-    inference = InferenceConfig.from_records(card, evaluation)
+    classifier = Classifier.load(model_dir)  # refuses a folder whose weights changed
+    weights_sha256 = classifier.settings.weights_sha256
     select = params.compare.metric
     tags = {
         "backbone": backbone,
-        "git_commit": tracking.context_tags("compare", card.data_hash)["git_commit"],
+        "git_commit": tracking.context_tags("compare", evaluation.data_hash)["git_commit"],
         "dvc_experiment": tracking.experiment_name(),
-        "data_hash": card.data_hash,
+        "data_hash": evaluation.data_hash,
+        "weights_sha256": weights_sha256,
         "threshold": f"{evaluation.threshold:.6f}",
         "select_by": params.compare.select_by,
         params.compare.select_by: f"{evaluation.val[select]:.6f}",
@@ -110,8 +107,6 @@ def register(
         tempfile.TemporaryDirectory() as tmp,
         tracking.resume_run(params.tracking, run_id) as run,
     ):
-        inference_file = Path(tmp) / INFERENCE_FILE
-        inference.save(inference_file)
         if run is None:
             raise UserError(
                 f"the training run of {backbone} ({run_id or 'not recorded in this clone'}) is "
@@ -120,10 +115,13 @@ def register(
         info = tracking.with_retries(
             lambda: mlflow.pyfunc.log_model(
                 name="model",
-                python_model=PneumoniaPyfunc(),
-                artifacts={"model_dir": str(model_dir), "inference": str(inference_file)},
-                code_paths=[str(Path(pneumo.__file__).parent)],
-                pip_requirements=_requirements(),
+                python_model=str(Path(pneumo.__file__).parent / "serving.py"),
+                artifacts={MODEL_ARTIFACT: str(model_dir)},
+                code_paths=[str(shipped_code(Path(tmp)))],
+                model_config={"weights_sha256": weights_sha256, "inference_device": "auto"},
+                signature=SIGNATURE,
+                input_example=input_example(paths.eval_report_dir(backbone)),
+                pip_requirements=requirements(),
                 registered_model_name=params.registry.model_name,
             )
         )
@@ -144,11 +142,8 @@ def register_all(params: Params, best: str) -> dict[str, str]:
     tracking.configure(params.tracking)
     versions = {}
     for backbone in params.backbones:
-        model_dir = paths.model_dir(backbone)
         evaluation = Evaluation.read(paths.eval_report_dir(backbone))
-        versions[backbone] = register(
-            params, backbone, model_dir, evaluation, ModelCard.read(model_dir)
-        )
+        versions[backbone] = register(params, backbone, paths.model_dir(backbone), evaluation)
     set_alias(params.registry.model_name, CHALLENGER, versions[best])
     return versions
 

@@ -38,6 +38,7 @@ from pneumo.data import (
     resolve_num_workers,
     train_sampler,
 )
+from pneumo.devices import resolve_device
 from pneumo.distributed import SINGLE, World
 from pneumo.errors import UserError
 from pneumo.files import staged_dir, write_text_atomic
@@ -75,26 +76,6 @@ def seed_epoch(seed: int, epoch: int, world: World = SINGLE) -> None:
     """Each epoch's random streams (augmentation, dropout) follow from (seed, epoch, rank)
     alone, so a run resumed at epoch k + 1 draws exactly what an uninterrupted run draws."""
     set_seed(seed * 1_000_003 + epoch * 1_009 + world.rank)
-
-
-def resolve_device(choice: str, world: World = SINGLE) -> torch.device:
-    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps``; under torchrun, cuda is per process."""
-    if choice.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"train.device is {choice!r} but no CUDA device is visible")
-        index = int(choice.partition(":")[2] or world.local_rank)
-        if index >= torch.cuda.device_count():
-            raise UserError(
-                f"train.device {choice!r}: only {torch.cuda.device_count()} CUDA device(s) visible"
-            )
-        return torch.device("cuda", index)
-    if choice == "mps" and not torch.backends.mps.is_available():
-        raise UserError("train.device is 'mps' but this torch build or machine has no MPS")
-    if choice == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", world.local_rank)
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    return torch.device(choice)
 
 
 @dataclass(frozen=True)
@@ -396,7 +377,7 @@ def train(
     params: Params,
     backbone: str,
     cache_dir: Path,
-    model_dir: Path,
+    checkpoint_dir: Path,
     report_dir: Path,
     history_file: Path,
 ) -> dict[str, float]:
@@ -405,7 +386,7 @@ def train(
     Every process of a torchrun launch calls this; only the main one tracks and writes.
     """
     world = distributed.from_environment()
-    device = resolve_device(params.train.device, world)
+    device = resolve_device(params.train.device, local_rank=world.local_rank)
     distributed.init(world, device)
     try:
         data_hash = cache_fingerprint(cache_dir)
@@ -417,7 +398,7 @@ def train(
             return {}
         return _tracked_training(
             params, backbone, cache_dir, device, world, data_hash, state_path,
-            outputs=(model_dir, report_dir, history_file),
+            outputs=(checkpoint_dir, report_dir, history_file),
         )  # fmt: skip
     finally:
         distributed.shutdown(world)
@@ -434,7 +415,7 @@ def _tracked_training(
     *,
     outputs: tuple[Path, Path, Path],
 ) -> dict[str, float]:
-    model_dir, report_dir, history_file = outputs
+    checkpoint_dir, report_dir, history_file = outputs
     resume.discard_others(state_path)
     saved = resume.load(state_path) if params.train.resume else None
     run_name = f"{tracking.experiment_name()}-{backbone}"
@@ -477,31 +458,16 @@ def _tracked_training(
             params=params.model_dump(mode="json"),
         )
 
-        with staged_dir(model_dir) as staging:
+        with staged_dir(checkpoint_dir) as staging:
             torch.save(result.model.cpu().state_dict(), ModelCard.weights(staging))
             card_file = card.write(staging)
             _curves_png(history, backbone, staging / CURVES_PNG)
             tracking.log_metrics({f"best_{k}": v for k, v in result.best.items() if k != "epoch"})
             tracking.log_artifacts([ModelCard.weights(staging), card_file, staging / CURVES_PNG])
             tracking.log_dict(params.model_dump(mode="json"), "params.json")
-    tracking.remember_training_run(ModelCard.weights(model_dir), run.info.run_id)
+    tracking.remember_training_run(ModelCard.weights(checkpoint_dir), run.info.run_id)
     write_text_atomic(history_file, history.to_csv(index=False))
     summary.write(report_dir)
     state_path.unlink(missing_ok=True)  # finished: nothing left to resume
     log.info("%s: best epoch %d, val AUC %.4f", backbone, result.best_epoch, summary.best_val_auc)
     return summary.model_dump()
-
-
-def load_checkpoint(model_dir: Path) -> tuple[nn.Module, ModelCard]:
-    """The trained model (eval mode, CPU) and its card."""
-    card = ModelCard.read(model_dir)
-    model_params = card.params["model"]
-    model = build_model(
-        card.backbone,
-        pretrained=False,  # the checkpoint holds all weights; never download here
-        dropout=model_params["dropout"],
-        hidden_size=model_params["hidden_size"],
-    )
-    state = torch.load(ModelCard.weights(model_dir), map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    return model.eval(), card

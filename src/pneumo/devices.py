@@ -1,0 +1,35 @@
+"""Choosing the torch device from a setting such as ``train.device`` or ``--device``."""
+
+from __future__ import annotations
+
+import torch
+
+from pneumo.errors import UserError
+
+
+def resolve_device(
+    choice: str, *, local_rank: int = 0, setting: str = "train.device"
+) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps``.
+
+    ``cuda`` without an index is the process's own GPU under torchrun (``local_rank``);
+    ``setting`` names the option in errors.
+    """
+    if choice.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"{setting} is {choice!r} but no CUDA device is visible")
+        index = int(choice.partition(":")[2] or local_rank)
+        if index >= torch.cuda.device_count():
+            raise UserError(
+                f"{setting} {choice!r}: only {torch.cuda.device_count()} CUDA device(s) visible"
+            )
+        return torch.device("cuda", index)
+    if choice == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{setting} is 'mps' but this torch build or machine has no MPS")
+    if choice == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    if choice != "cpu":
+        raise UserError(f"{setting} must be auto, cpu, cuda, cuda:N or mps, not {choice!r}")
+    return torch.device(choice)

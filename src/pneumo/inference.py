@@ -1,0 +1,196 @@
+"""Using a trained model: load a model folder, prepare images, TTA views, device, decision.
+
+A model folder (``models/<backbone>``, assembled by ``pneumo evaluate``) holds everything needed
+to predict: the weights, the training card (architecture, image preparation) and the inference
+settings chosen on the validation split (TTA views, threshold, SHA-256 of the weights).
+evaluate, ``pneumo predict`` and the registered MLflow model all go through this module, so a
+folder copied anywhere predicts exactly as it was evaluated.
+
+It imports no stage module and not MLflow: the registered model ships it with the few modules
+it needs (:data:`SHIPPED_MODULES`), and ``pneumo predict`` on a folder starts quickly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from pneumo.devices import resolve_device
+from pneumo.errors import UserError
+from pneumo.images import ImageDecodeError, prepare_image
+from pneumo.models import PneumoniaNet, build_model
+from pneumo.records import InferenceSettings, ModelCard
+
+# What a model needs at run time, relative to the package: the registered model ships these
+# (tests/test_serving.py checks that loading and predicting imports no other pneumo module).
+SHIPPED_MODULES = (
+    "__init__.py", "devices.py", "errors.py", "files.py", "images.py", "inference.py",
+    "models.py", "records.py",
+)  # fmt: skip
+
+# The model folder's name among a registered model's MLflow artifacts.
+MODEL_ARTIFACT = "model"
+
+View = Callable[[torch.Tensor], torch.Tensor]
+BILINEAR = InterpolationMode.BILINEAR
+
+
+class ModelFolderError(UserError):
+    """The folder is not a usable model folder; the message says what to run."""
+
+
+class IntegrityError(UserError):
+    """The weights are not the ones the model's settings (or its registration) recorded."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_network(folder: Path) -> tuple[PneumoniaNet, ModelCard]:
+    """The network of a checkpoint or model folder (eval mode, CPU) and its card.
+
+    The weights are a plain state dict read with ``weights_only=True``: loading them runs no
+    pickled code.
+    """
+    card = ModelCard.read(folder)
+    model_params = card.params["model"]
+    net = build_model(
+        card.backbone,
+        pretrained=False,  # the checkpoint holds all weights; never download here
+        dropout=model_params["dropout"],
+        hidden_size=model_params["hidden_size"],
+    )
+    state = torch.load(ModelCard.weights(folder), map_location="cpu", weights_only=True)
+    net.load_state_dict(state)
+    return net.eval(), card
+
+
+def tta_view(spec: str) -> View:
+    """``identity``, ``hflip``, ``rotate:<degrees>`` or ``scale:<factor>`` on (N, C, H, W)."""
+    name, _, arg = spec.partition(":")
+    if name == "identity":
+        return lambda x: x
+    if name == "hflip":
+        return F.horizontal_flip
+    if name == "rotate":
+        return lambda x: F.rotate(x, float(arg), interpolation=BILINEAR)
+    if name == "scale":
+        return lambda x: F.affine(
+            x, angle=0.0, translate=[0, 0], scale=float(arg), shear=[0.0], interpolation=BILINEAR
+        )
+    raise ValueError(f"unknown TTA view {spec!r}")
+
+
+@torch.inference_mode()
+def tta_probabilities(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    views: list[str],
+    *,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """PNEUMONIA probabilities of (N, size, size) uint8 pixels, shape (len(views), N)."""
+    model.eval()
+    transforms = [tta_view(v) for v in views]
+    out = np.empty((len(views), len(images)), dtype=np.float64)
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(np.array(images[start : start + batch_size]))[:, None]
+        batch = batch.to(device)
+        for row, view in enumerate(transforms):
+            probs = torch.sigmoid(model(view(batch)).float())
+            out[row, start : start + len(batch)] = probs.cpu().numpy()
+    return out
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """A loaded model folder: image file bytes in, PNEUMONIA probability and label out."""
+
+    net: PneumoniaNet
+    card: ModelCard
+    settings: InferenceSettings
+    device: torch.device
+
+    @classmethod
+    def load(
+        cls, folder: Path, device: str = "cpu", *, expected_sha256: str | None = None
+    ) -> Classifier:
+        """Load ``folder`` after checking its weights against the recorded SHA-256 (and
+        ``expected_sha256``, the registration's record, when given)."""
+        if not (InferenceSettings.path(folder).is_file() and ModelCard.path(folder).is_file()):
+            raise ModelFolderError(
+                f"{folder} is not a model folder (it needs {ModelCard.FILE}, "
+                f"{InferenceSettings.FILE} and {ModelCard.WEIGHTS}): pass --model "
+                "models/<backbone> after `dvc repro`, or a models:/<name>@<alias> URI"
+            )
+        settings = InferenceSettings.read(folder)
+        weights = ModelCard.weights(folder)
+        if not weights.is_file():
+            raise ModelFolderError(f"{weights} is missing: rerun `dvc repro` or copy it back")
+        digest = sha256_of(weights)
+        for source, recorded in (
+            (InferenceSettings.FILE, settings.weights_sha256),
+            ("the registration", expected_sha256),
+        ):
+            if recorded is not None and digest != recorded:
+                raise IntegrityError(
+                    f"{weights} has SHA-256 {digest[:16]}…, but {source} recorded "
+                    f"{recorded[:16]}…: the weights changed after they were recorded; "
+                    "refusing to load them. Restore the folder (`dvc checkout`) or "
+                    "re-register the model"
+                )
+        net, card = load_network(folder)
+        target = resolve_device(device, setting="device")
+        return cls(net.to(target), card, settings, target)
+
+    @property
+    def image_size(self) -> int:
+        return self.card.image_size
+
+    def prepare(self, data: bytes) -> np.ndarray:
+        """Encoded file bytes → the (size, size) uint8 pixels the model was trained on."""
+        return prepare_image(data, self.card.image_size, self.card.resize)
+
+    def probabilities(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Mean PNEUMONIA probability over the TTA views for (N, size, size) uint8 pixels."""
+        per_view = tta_probabilities(
+            self.net, pixels, self.settings.tta_views, batch_size=batch_size, device=self.device
+        )
+        return per_view.mean(axis=0)
+
+    def decide(self, probability: float) -> dict:
+        positive = probability >= self.settings.threshold
+        return {"probability": probability, "label": self.card.class_names[int(positive)]}
+
+    def predict_files(self, files: list[Path], batch_size: int = 32) -> Iterator[dict]:
+        """One row per file, in order, ``batch_size`` files in memory at a time.
+
+        An unreadable file gets an ``error`` and no probability; the others go on.
+        """
+        for start in range(0, len(files), batch_size):
+            rows: list[dict] = []
+            ready: list[tuple[int, np.ndarray]] = []
+            for file in files[start : start + batch_size]:
+                try:
+                    ready.append((len(rows), self.prepare(file.read_bytes())))
+                    rows.append({"file": str(file)})
+                except (ImageDecodeError, OSError) as exc:
+                    rows.append({"file": str(file), "error": str(exc)})
+            if ready:
+                pixels = np.stack([image for _, image in ready])
+                for (row, _), probability in zip(ready, self.probabilities(pixels), strict=True):
+                    rows[row] |= self.decide(float(probability))
+            yield from rows

@@ -1,0 +1,165 @@
+"""pneumo.inference: TTA views, model folders (integrity, copies, devices) and streaming."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from io import StringIO
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from pneumo.inference import (
+    Classifier,
+    IntegrityError,
+    ModelFolderError,
+    tta_probabilities,
+    tta_view,
+)
+from tests.conftest import jpeg_bytes, run_cli, write_tree
+
+
+def _symmetric_image() -> torch.Tensor:
+    half = torch.randint(0, 256, (1, 1, 16, 8), dtype=torch.uint8)
+    return torch.cat([half, half.flip(-1)], dim=-1)
+
+
+def test_hflip_of_a_symmetric_image_is_the_image():
+    image = _symmetric_image()
+    assert torch.equal(tta_view("hflip")(image), image)
+    asymmetric = torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4)
+    assert torch.equal(tta_view("hflip")(asymmetric), asymmetric.flip(-1))
+
+
+def test_identity_zero_rotation_and_unit_scale_change_nothing():
+    image = torch.randint(0, 256, (2, 1, 12, 12), dtype=torch.uint8)
+    for spec in ("identity", "rotate:0", "scale:1.0"):
+        assert torch.equal(tta_view(spec)(image), image), spec
+
+
+def test_rotation_by_ninety_degrees_is_exact():
+    image = torch.arange(25, dtype=torch.uint8).view(1, 1, 5, 5)
+    assert torch.equal(tta_view("rotate:90")(image), torch.rot90(image, 1, dims=(-2, -1)))
+
+
+def test_scale_zooms_about_the_centre():
+    image = torch.zeros(1, 1, 9, 9, dtype=torch.uint8)
+    image[..., 4, 4] = 255
+    zoomed = tta_view("scale:2.0")(image)
+    assert zoomed[..., 4, 4].item() == 255 and zoomed.sum() > image.sum()
+
+
+class MeanBrightness(nn.Module):
+    """Logit = mean of the left half minus mean of the right half (flip-sensitive)."""
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.float() / 255
+        half = x.shape[-1] // 2
+        return (x[..., :half].mean((1, 2, 3)) - x[..., half:].mean((1, 2, 3))) * 4
+
+
+def test_tta_probabilities_average_views_per_image():
+    images = np.zeros((3, 8, 8), np.uint8)
+    images[:, :, :4] = 255  # bright left half
+    per_view = tta_probabilities(MeanBrightness(), images, ["identity", "hflip"], batch_size=2)
+    assert per_view.shape == (2, 3)
+    assert per_view[0] == pytest.approx(1 / (1 + np.exp(-4)))
+    assert per_view[1] == pytest.approx(1 / (1 + np.exp(4)))
+    assert per_view.mean(axis=0) == pytest.approx(0.5)
+
+
+def _test_images(project, count: int) -> pd.DataFrame:
+    """The first ``count`` test images with the probabilities evaluate gave them."""
+    predictions = pd.read_csv(project / "reports/eval/resnet50/predictions.csv").head(count)
+    predictions["file"] = [str(project / "data/raw" / image) for image in predictions.image]
+    return predictions
+
+
+def _pneumo(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pneumo", *args], cwd=cwd, capture_output=True, text=True
+    )
+
+
+def test_a_copied_model_folder_predicts_exactly_what_evaluate_did(tiny_project, tmp_path):
+    """Copied out of the repository, run from a folder without params.yaml, in a new process."""
+    copy = tmp_path / "x"
+    shutil.copytree(tiny_project / "models/resnet50", copy)
+    expected = _test_images(tiny_project, 12)
+    result = _pneumo("predict", "--model", str(copy), *expected.file, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    predicted = pd.read_csv(StringIO(result.stdout))
+    assert list(predicted.file) == list(expected.file)
+    np.testing.assert_allclose(predicted.probability, expected.probability, atol=1e-6)
+    assert list(predicted.label) == list(expected.predicted)
+
+
+def test_weights_changed_after_evaluation_are_refused(tiny_project, tmp_path):
+    copy = shutil.copytree(tiny_project / "models/resnet50", tmp_path / "x")
+    weights = bytearray((copy / "model.pt").read_bytes())
+    weights[-100] ^= 0xFF  # one flipped byte inside the tensor data
+    (copy / "model.pt").write_bytes(bytes(weights))
+    with pytest.raises(IntegrityError, match="SHA-256 .* but inference.json recorded"):
+        Classifier.load(copy)
+    image = _test_images(tiny_project, 1).file[0]
+    result = _pneumo("predict", "--model", str(copy), image, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
+    assert "refusing to load them" in result.stderr
+
+
+def test_weights_other_than_the_registered_ones_are_refused(tiny_project):
+    with pytest.raises(IntegrityError, match="the registration recorded 0000000000000000"):
+        Classifier.load(tiny_project / "models/resnet50", expected_sha256="0" * 64)
+
+
+def test_a_checkpoint_without_inference_settings_is_not_a_model_folder(tiny_project):
+    with pytest.raises(ModelFolderError, match="needs meta.json, inference.json and model.pt"):
+        Classifier.load(tiny_project / "checkpoints/resnet50")
+
+
+def test_a_device_that_is_not_there_is_a_one_line_error(tiny_project, in_tmp):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    image = write_tree(in_tmp, {"scan.jpeg": jpeg_bytes(1)}) / "scan.jpeg"
+    model = str(tiny_project / "models/resnet50")
+    result = run_cli("predict", "--model", model, "--device", "cuda", str(image))
+    assert result.exit_code == 1
+    assert result.output == "Error: device is 'cuda' but no CUDA device is visible\n"
+
+
+def test_files_stream_through_in_bounded_batches(tiny_project, monkeypatch):
+    classifier = Classifier.load(tiny_project / "models/resnet50")
+    files = list(_test_images(tiny_project, 40).file) * 2
+    batches: list[int] = []
+    real = Classifier.probabilities
+    monkeypatch.setattr(
+        Classifier,
+        "probabilities",
+        lambda self, pixels: batches.append(len(pixels)) or real(self, pixels),
+    )
+    rows = classifier.predict_files([Path(f) for f in files], batch_size=32)
+    first = next(rows)
+    assert batches == [32]  # rows come out before later files are even read
+    assert [first["file"], *(row["file"] for row in rows)] == files
+    assert batches == [32, 32, 16]
+
+
+def test_predicting_with_a_model_folder_does_not_import_mlflow(tiny_project, tmp_path):
+    image = _test_images(tiny_project, 1).file[0]
+    code = (
+        "import sys\nfrom pneumo.cli import main\n"
+        f"main(['predict', '--model', {str(tiny_project / 'models/resnet50')!r}, {image!r}], "
+        "standalone_mode=False)\n"
+        "assert 'mlflow' not in sys.modules, 'mlflow was imported'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("file,probability,label,error\n")

@@ -1,0 +1,275 @@
+"""The registered model: logged from code, a signature, complete requirements, checked
+weights, and served over HTTP by `mlflow models serve` as users run it."""
+
+from __future__ import annotations
+
+import ast
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from importlib.metadata import distribution, packages_distributions
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from pneumo.inference import SHIPPED_MODULES, IntegrityError, sha256_of
+from tests.conftest import run_cli
+
+NAME = "pneumo-classifier"
+CHAMPION = f"models:/{NAME}@champion"
+
+
+@pytest.fixture(scope="module")
+def registered(tiny_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny project after compare (registration) and promote."""
+    root = tmp_path_factory.mktemp("registered") / "project"
+    shutil.copytree(tiny_project, root)
+    previous = Path.cwd()
+    os.chdir(root)
+    try:
+        for command in (("compare",), ("promote",)):
+            result = run_cli(*command)
+            assert result.exit_code == 0, result.output
+    finally:
+        os.chdir(previous)
+    return root
+
+
+@pytest.fixture
+def champion_dir(registered: Path, tmp_path: Path) -> Path:
+    """The champion's logged files, downloaded from the artifact store."""
+    mlflow.set_tracking_uri(f"sqlite:///{registered / 'mlflow.db'}")
+    return Path(mlflow.artifacts.download_artifacts(CHAMPION, dst_path=str(tmp_path)))
+
+
+def _test_image(project: Path, row: int = 0) -> Path:
+    """A test image, in the same order for every backbone's predictions.csv."""
+    image = pd.read_csv(project / "reports/eval/resnet50/predictions.csv").image[row]
+    return project / "data/raw" / image
+
+
+def test_the_model_is_code_with_a_signature_and_no_pickle(registered, champion_dir):
+    mlmodel = yaml.safe_load((champion_dir / "MLmodel").read_text())
+    flavor = mlmodel["flavors"]["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert not list(champion_dir.rglob("*.pkl"))
+    assert json.loads(mlmodel["signature"]["inputs"]) == [
+        {"type": "string", "name": "image", "required": True}
+    ]
+    assert [c["name"] for c in json.loads(mlmodel["signature"]["outputs"])] == [
+        "probability",
+        "label",
+    ]
+    shipped = {p.name for p in (champion_dir / "code/pneumo").glob("*.py")}
+    assert shipped == set(SHIPPED_MODULES)
+    weights = champion_dir / flavor["artifacts"]["model"]["path"] / "model.pt"
+    assert flavor["config"]["weights_sha256"] == sha256_of(weights)
+
+
+def test_the_input_example_is_a_real_test_image(registered, champion_dir):
+    example = json.loads((champion_dir / "serving_input_example.json").read_text())
+    [[encoded]] = example["dataframe_split"]["data"]
+    assert base64.b64decode(encoded) == _test_image(registered).read_bytes()
+
+
+# Loads the champion in a new process as `mlflow models serve` does, predicts, and reports
+# which pneumo modules it imported and from where.
+_IMPORTS_PROBE = """
+import json, sys
+import mlflow
+import pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+print(model.predict(pd.DataFrame({"image": [sys.argv[2]]})).to_json(orient="records"))
+print(json.dumps({m: getattr(mod, "__file__", None) for m, mod in sys.modules.items()
+                  if m.startswith("pneumo")}))
+"""
+
+
+def _closure(requirements: list[str]) -> set[str]:
+    """Distribution names installed by ``requirements``, with their dependencies."""
+    seen: set[str] = set()
+    pending = [Requirement(r) for r in requirements]
+    while pending:
+        requirement = pending.pop()
+        name = requirement.name.lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        for extra in distribution(name).requires or []:
+            dependency = Requirement(extra)
+            if dependency.marker is None or dependency.marker.evaluate({"extra": ""}):
+                pending.append(dependency)
+    return seen
+
+
+def _imported_names(source: Path) -> set[str]:
+    """Top-level modules a file imports anywhere, lazy imports inside functions included."""
+    names = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.partition(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.partition(".")[0])
+    return names
+
+
+def test_the_model_loads_only_its_shipped_code(registered, champion_dir):
+    encoded = base64.b64encode(_test_image(registered).read_bytes()).decode()
+    probe = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_PROBE, str(champion_dir), encoded],
+        capture_output=True, text=True, cwd=champion_dir,
+    )  # fmt: skip
+    assert probe.returncode == 0, probe.stderr
+    prediction, pneumo_modules = (json.loads(x) for x in probe.stdout.strip().splitlines()[-2:])
+    assert 0 <= prediction[0]["probability"] <= 1
+    code_dir = str((champion_dir / "code").resolve())
+    for module, file in pneumo_modules.items():
+        assert file and file.startswith(code_dir), (module, file)
+        assert Path(file).name in SHIPPED_MODULES
+
+
+def test_everything_the_model_code_imports_is_in_its_requirements(champion_dir):
+    """Every import in the logged code (serving.py and the shipped modules, lazy branches
+    such as DICOM and EfficientNet included) resolves to a distribution that
+    requirements.txt installs. (Optional imports that torch or MLflow make when a package
+    happens to be installed are those libraries' own business.)"""
+    sources = [champion_dir / "serving.py", *(champion_dir / "code/pneumo").glob("*.py")]
+    imported = set().union(*map(_imported_names, sources)) - {"pneumo", "__future__"}
+    covered = _closure((champion_dir / "requirements.txt").read_text().split())
+    owners = packages_distributions()
+    missing = {
+        module: owners.get(module, ["not installed"])
+        for module in sorted(imported - set(sys.stdlib_module_names))
+        if not {d.lower().replace("_", "-") for d in owners.get(module, [])} & covered
+    }
+    assert not missing, f"imported but not installed by requirements.txt: {missing}"
+
+
+def test_tampered_weights_in_the_artifact_store_are_refused(champion_dir):
+    folder = next(champion_dir.glob("artifacts/*"))
+    weights = bytearray((folder / "model.pt").read_bytes())
+    weights[-100] ^= 0xFF
+    (folder / "model.pt").write_bytes(bytes(weights))
+    with pytest.raises(IntegrityError, match="inference.json recorded"):
+        mlflow.pyfunc.load_model(str(champion_dir))
+    # Rewriting the folder's own record too is caught by the one made at registration.
+    settings = json.loads((folder / "inference.json").read_text())
+    settings["weights_sha256"] = sha256_of(folder / "model.pt")
+    (folder / "inference.json").write_text(json.dumps(settings))
+    with pytest.raises(IntegrityError, match="the registration recorded"):
+        mlflow.pyfunc.load_model(str(champion_dir))
+
+
+def test_predict_from_the_registry_matches_the_model_folder(registered, monkeypatch):
+    monkeypatch.chdir(registered)
+    champion = mlflow.MlflowClient(f"sqlite:///{registered / 'mlflow.db'}")
+    backbone = champion.get_model_version_by_alias(NAME, "champion").tags["backbone"]
+    images = [str(_test_image(registered, row)) for row in range(3)]
+    from_registry = run_cli("predict", *images, "--output", "json")
+    from_folder = run_cli("predict", *images, "--model", f"models/{backbone}", "--output", "json")
+    assert from_registry.exit_code == 0, from_registry.output
+    assert json.loads(from_registry.output) == json.loads(from_folder.output)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _post(url: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _records(records: list[dict]) -> bytes:
+    return json.dumps({"dataframe_records": records}).encode()
+
+
+@pytest.fixture(scope="module")
+def served(registered: Path):
+    """`mlflow models serve -m models:/…@champion --env-manager local` on a free port."""
+    port = _free_port()
+    env = os.environ | {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{registered / 'mlflow.db'}",
+        # mlflow runs `uvicorn` from PATH: this interpreter's scripts, as in an active venv.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    log = (registered / "serve.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", CHAMPION,
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=registered, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2):
+                break
+        except (urllib.error.URLError, ConnectionError):
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail((registered / "serve.log").read_text()[-3000:])
+            time.sleep(0.5)
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()
+
+
+@pytest.mark.slow
+def test_the_served_champion_answers_its_input_example_and_a_real_image(
+    registered, served, champion_dir
+):
+    example = (champion_dir / "serving_input_example.json").read_bytes()
+    status, answer = _post(f"{served}/invocations", example)
+    assert status == 200, answer
+    [row] = answer["predictions"]
+    assert set(row) == {"probability", "label"}
+
+    image = _test_image(registered, 1)
+    body = json.dumps(
+        {"dataframe_records": [{"image": base64.b64encode(image.read_bytes()).decode()}]}
+    )
+    status, answer = _post(f"{served}/invocations", body.encode())
+    assert status == 200, answer
+    client = mlflow.MlflowClient(f"sqlite:///{registered / 'mlflow.db'}")
+    backbone = client.get_model_version_by_alias(NAME, "champion").tags["backbone"]
+    expected = pd.read_csv(registered / f"reports/eval/{backbone}/predictions.csv").iloc[1]
+    assert answer["predictions"][0]["probability"] == pytest.approx(expected.probability, abs=1e-6)
+    assert answer["predictions"][0]["label"] == expected.predicted
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("records", "reason"),
+    [
+        ([{"picture": "aGVsbG8="}], "missing inputs ['image']"),
+        ([{"image": "not base64!"}], "row 0: 'image' must be a base64-encoded image file"),
+        ([{"image": "aGVsbG8="}], "row 0: 'image' must be a base64-encoded image file"),
+    ],
+)
+def test_a_wrong_payload_gets_a_4xx_with_a_one_line_reason(served, records, reason):
+    status, answer = _post(
+        f"{served}/invocations", json.dumps({"dataframe_records": records}).encode()
+    )
+    assert 400 <= status < 500
+    last_line = answer["message"].strip().splitlines()[-1]
+    assert reason in last_line
+    assert "Traceback" not in json.dumps(answer)
