@@ -80,6 +80,7 @@ def _requirements() -> list[str]:
         "numpy",
         "pandas",
         "pillow",
+        "pydicom>=3",  # the served model decodes DICOM files as predict does
         "scikit-learn",
         "pydantic",
         "pyyaml",
