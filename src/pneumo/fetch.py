@@ -39,7 +39,7 @@ from tqdm import tqdm
 from pneumo.config import CLASS_NAMES, DataConfig, SampleConfig, ZipLimits
 from pneumo.errors import UserError
 from pneumo.files import staged_dir
-from pneumo.images import IMAGE_SUFFIXES
+from pneumo.images import IMAGE_SUFFIXES, dicom_header, is_dicom
 from pneumo.paths import SPLITS
 from pneumo.phantoms import phantom
 
@@ -321,8 +321,11 @@ def download_kaggle(dataset: str) -> Path:
 
 
 def _describe_image(data: bytes) -> tuple[int | None, int | None, str]:
-    """Header facts for the manifest; unreadable files are kept and judged by preprocess."""
+    """Header facts for the manifest (for DICOM the mode is its Photometric Interpretation);
+    unreadable files are kept and judged by preprocess."""
     try:
+        if is_dicom(data):
+            return dicom_header(data)
         with Image.open(io.BytesIO(data)) as image:
             return image.width, image.height, image.mode
     except Exception:  # any decoder error means "not an image we can read"

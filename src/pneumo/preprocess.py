@@ -5,7 +5,8 @@
   val split has only 16 images and a patient's images must never sit on both sides.
 * Unreadable images, images whose shorter side is below ``data.min_image_side`` and images
   of one flat colour are excluded and listed with their reason; together they may make up
-  at most ``data.max_bad_fraction`` of the raw images.
+  at most ``data.max_bad_fraction`` of the raw images. A DICOM file that needs a package
+  which is not installed (pydicom, or a decoder for its compression) stops the run instead.
 * Byte-identical copies are removed from the pool (keeping one), as are pool images that are
   byte-identical to a test image or belong to a test patient.
 * Each split is stored as one ``(N, size, size)`` uint8 array, so training reads pixels
@@ -34,7 +35,13 @@ from tqdm import tqdm
 from pneumo.config import CLASS_NAMES, DataConfig, val_folds
 from pneumo.errors import UserError
 from pneumo.files import staged_dir
-from pneumo.images import ImageDecodeError, ResizeMethod, decode_grayscale, fit_square
+from pneumo.images import (
+    ImageDecodeError,
+    MissingDicomSupport,
+    ResizeMethod,
+    decode_grayscale,
+    fit_square,
+)
 from pneumo.paths import SPLITS
 
 log = logging.getLogger(__name__)
@@ -53,6 +60,8 @@ def _prepare_file(
     """Cache pixels, or why the file cannot teach anything: unreadable, tiny or blank."""
     try:
         pixels = decode_grayscale(path.read_bytes())
+    except MissingDicomSupport as exc:
+        raise PreprocessError(f"{path}: {exc}") from exc  # an install fixes it: do not exclude
     except (ImageDecodeError, OSError) as exc:
         return "unreadable", str(exc)
     height, width = pixels.shape
