@@ -82,19 +82,42 @@ def predict_files(
     PNG per predicted image (named in the row's ``explanation``)."""
     from tqdm import tqdm
 
-    explainer = None
-    if explain_dir is not None:
-        from pneumo.explain import Explainer
-
-        explainer = Explainer(classifier, explain_dir)
+    explanations = Explanations(classifier, explain_dir) if explain_dir else None
     with tqdm(
         total=len(files), unit="img", file=sys.stderr, disable=len(files) < PROGRESS_FROM
     ) as progress:
         for row in classifier.predict_files(files):
-            if explainer is not None and "error" not in row:
-                row["explanation"] = str(explainer.explain(Path(row["file"]), row))
+            if explanations is not None and "error" not in row:
+                row["explanation"] = str(explanations.write(Path(row["file"]), row))
             progress.update()
             yield row
+
+
+class Explanations:
+    """Grad-CAM figures of predicted files, ``<file stem>.png`` in one folder (numbered when
+    two inputs share a name), for the layer chosen for the model's backbone and image size."""
+
+    def __init__(self, classifier: Classifier, out_dir: Path) -> None:
+        from pneumo import explain
+
+        self.explain = explain
+        self.classifier = classifier
+        self.out_dir = out_dir
+        self.taken: set[str] = set()
+        _, self.layer = explain.target_layer(classifier.net, classifier.image_size)
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    def write(self, file: Path, row: dict) -> Path:
+        pixels = self.classifier.prepare(file.read_bytes())
+        cam = self.explain.grad_cam(self.classifier.net, pixels[None], self.layer)[0]
+        name, number = f"{file.stem}.png", 1
+        while name in self.taken:
+            number += 1
+            name = f"{file.stem}-{number}.png"
+        self.taken.add(name)
+        return self.explain.explanation_png(
+            pixels, cam, row["probability"], row["label"], self.out_dir / name
+        )
 
 
 def write_rows(rows: Iterable[dict], output: str, stream: TextIO, columns: list[str]) -> bool:
