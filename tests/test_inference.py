@@ -163,3 +163,16 @@ def test_predicting_with_a_model_folder_does_not_import_mlflow(tiny_project, tmp
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("file,probability,label,error\n")
+
+
+def test_predict_explain_writes_one_grad_cam_figure_per_image(tiny_project, in_tmp):
+    images = _test_images(tiny_project, 3).file.tolist()
+    corrupt = write_tree(in_tmp, {"corrupt.jpeg": b"not an image"}) / "corrupt.jpeg"
+    model = str(tiny_project / "models/resnet50")
+    result = run_cli("predict", "--model", model, "--explain", "cams", *images, str(corrupt))
+    assert result.exit_code == 1  # the corrupt file, reported in its row
+    rows = pd.read_csv(StringIO(result.output))
+    figures = [Path(f) for f in rows.explanation.dropna()]
+    assert [f.name for f in figures] == [Path(i).stem + ".png" for i in images]
+    assert all(f.stat().st_size > 10_000 for f in figures)
+    assert pd.isna(rows.explanation.iloc[-1]) and isinstance(rows.error.iloc[-1], str)
