@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +131,58 @@ def project_copy(tiny_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
     shutil.copytree(tiny_project, copy)
     monkeypatch.chdir(copy)
     return copy
+
+
+# --- whole `pneumo` processes on a copy of the tiny project (resume, crashes) ----------------
+
+
+def write_params(project: Path, **train) -> None:
+    """TINY_PARAMS with ``train`` overrides, as the project's params.yaml."""
+    import json
+
+    import yaml
+
+    raw = json.loads(json.dumps(TINY_PARAMS))
+    raw["train"] |= train
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+
+
+def pneumo_process(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
+    """`python -m pneumo ARGS` in ``cwd``, stdout and stderr together as text."""
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "pneumo", *args], cwd=cwd, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs,
+    )  # fmt: skip
+
+
+def state_epoch(project: Path, backbone: str = "resnet50") -> int:
+    """The last epoch in the backbone's resume state (0 when there is none yet)."""
+    import torch
+
+    states = list((project / ".pneumo/resume").glob(f"{backbone}-*.pt"))
+    if not states:
+        return 0
+    try:
+        return torch.load(states[0], weights_only=True)["epoch"]
+    except (RuntimeError, EOFError, OSError):  # replaced while we read it
+        return 0
+
+
+def wait_for_epoch(project: Path, process: subprocess.Popen, timeout: float = 300) -> int:
+    """Wait until ``process`` has saved the state of an epoch; returns that epoch."""
+    deadline = time.monotonic() + timeout
+    while state_epoch(project) < 1 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return state_epoch(project)
+
+
+def tracked_runs(project: Path) -> list:
+    """The runs of the project's tracking store, in the tests' experiment."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["tests"], output_format="list")
 
 
 def copy_repository(dest: Path) -> Path:

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -19,7 +18,14 @@ import yaml
 from pneumo.config import AugmentConfig, parse_params
 from pneumo.data import BalancedSampler, batch_augmentation, train_sampler
 from pneumo.preprocess import write_array
-from tests.conftest import TINY_PARAMS
+from tests.conftest import (
+    TINY_PARAMS,
+    pneumo_process,
+    state_epoch,
+    tracked_runs,
+    wait_for_epoch,
+    write_params,
+)
 
 
 def _preprocess_peak_mib(project: Path, images: int) -> float:
@@ -163,35 +169,6 @@ def test_device_settings_are_in_the_schema():
 # --- resume and torchrun: whole `pneumo train` processes on the tiny project ------------------
 
 
-def _write_params(project: Path, **train) -> None:
-    raw = json.loads(json.dumps(TINY_PARAMS))
-    raw["train"] |= train
-    (project / "params.yaml").write_text(yaml.safe_dump(raw))
-
-
-def _pneumo(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "pneumo", *args], cwd=cwd, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs,
-    )  # fmt: skip
-
-
-def _state_epoch(project: Path) -> int:
-    states = list((project / ".pneumo/resume").glob("resnet50-*.pt"))
-    if not states:
-        return 0
-    try:
-        return torch.load(states[0], weights_only=True)["epoch"]
-    except (RuntimeError, EOFError, OSError):  # replaced while we read it
-        return 0
-
-
-def _runs(project: Path) -> list:
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    return mlflow.search_runs(experiment_names=["tests"], output_format="list")
-
-
 @pytest.mark.slow
 def test_training_killed_after_an_epoch_resumes_to_the_identical_checkpoint(tiny_project, tmp_path):
     import shutil
@@ -202,22 +179,20 @@ def test_training_killed_after_an_epoch_resumes_to_the_identical_checkpoint(tiny
         shutil.copytree(tiny_project, project)
         shutil.rmtree(project / "checkpoints")
         (project / "mlflow.db").unlink()
-        _write_params(project, epochs=epochs, patience=epochs)
-    assert _pneumo("train", "resnet50", cwd=uninterrupted).wait() == 0
+        write_params(project, epochs=epochs, patience=epochs)
+    assert pneumo_process("train", "resnet50", cwd=uninterrupted).wait() == 0
 
-    process = _pneumo("train", "resnet50", cwd=killed)
-    deadline = time.monotonic() + 300
-    while _state_epoch(killed) < 1 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    process = pneumo_process("train", "resnet50", cwd=killed)
+    wait_for_epoch(killed, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    stopped_after = _state_epoch(killed)
+    stopped_after = state_epoch(killed)
     assert 1 <= stopped_after < epochs, "the kill came too late to test resuming"
     assert not (killed / "checkpoints/resnet50").exists()
-    [interrupted] = _runs(killed)
+    [interrupted] = tracked_runs(killed)
     assert interrupted.info.status == "RUNNING"  # what SIGKILL leaves behind
 
-    rerun = _pneumo("train", "resnet50", cwd=killed)
+    rerun = pneumo_process("train", "resnet50", cwd=killed)
     output = rerun.communicate()[0]
     assert rerun.returncode == 0, output
     assert f"resuming after epoch {stopped_after}" in output
@@ -231,7 +206,7 @@ def test_training_killed_after_an_epoch_resumes_to_the_identical_checkpoint(tiny
         assert (killed / report).read_text() == (uninterrupted / report).read_text()
     assert not list((killed / ".pneumo/resume").glob("*.pt"))  # finished: state removed
 
-    runs = {run.info.run_id: run for run in _runs(killed)}
+    runs = {run.info.run_id: run for run in tracked_runs(killed)}
     assert runs[interrupted.info.run_id].info.status == "KILLED"
     [resumed_run] = [run for run in runs.values() if run.info.status == "FINISHED"]
     assert resumed_run.data.tags["resumed_from_epoch"] == str(stopped_after)
@@ -242,14 +217,13 @@ def test_training_killed_after_an_epoch_resumes_to_the_identical_checkpoint(tiny
 
 @pytest.mark.slow
 def test_a_state_from_other_settings_is_never_resumed(project_copy):
-    _write_params(project_copy, epochs=2, lr=0.01)
-    process = _pneumo("train", "resnet50", cwd=project_copy)
-    while _state_epoch(project_copy) < 1 and process.poll() is None:
-        time.sleep(0.05)
+    write_params(project_copy, epochs=2, lr=0.01)
+    process = pneumo_process("train", "resnet50", cwd=project_copy)
+    wait_for_epoch(project_copy, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    _write_params(project_copy, epochs=2, lr=0.002)
-    rerun = _pneumo("train", "resnet50", cwd=project_copy)
+    write_params(project_copy, epochs=2, lr=0.002)
+    rerun = pneumo_process("train", "resnet50", cwd=project_copy)
     output = rerun.communicate()[0]
     assert rerun.returncode == 0, output
     assert "resuming" not in output and "removing resume state of other settings" in output
@@ -265,15 +239,15 @@ def test_torchrun_with_two_cpu_processes_trains_and_writes_once(tiny_project, tm
         shutil.copytree(tiny_project, project)
         shutil.rmtree(project / "checkpoints")
         (project / "mlflow.db").unlink()
-        _write_params(project, epochs=3, patience=3, nproc=nproc, device="cpu")
-        done = _pneumo("train", "resnet50", cwd=project)
+        write_params(project, epochs=3, patience=3, nproc=nproc, device="cpu")
+        done = pneumo_process("train", "resnet50", cwd=project)
         output = done.communicate(timeout=900)[0]
         assert done.returncode == 0, output
         assert [p.name for p in (project / "checkpoints").iterdir()] == ["resnet50"]
         assert list((project / "checkpoints/resnet50").glob("*.pt")) == [
             project / "checkpoints/resnet50/model.pt"
         ]
-        [run] = _runs(project)
+        [run] = tracked_runs(project)
         assert run.data.params["world_size"] == str(nproc)
         results[nproc] = json.loads((project / "reports/train/resnet50/metrics.json").read_text())
     # Same global batch, same draws: only BatchNorm sees per-process halves of each batch.
@@ -298,13 +272,11 @@ def test_a_killed_dvc_repro_continues_training_where_it_stopped(tmp_path):
         ["dvc", "repro", "train@resnet50"], cwd=repo, env=env, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    deadline = time.monotonic() + 600
-    while _state_epoch(repo) < 1 and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for_epoch(repo, job, timeout=600)
     assert job.poll() is None, "dvc repro ended before its first epoch was saved"
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
-    stopped_after = _state_epoch(repo)
+    stopped_after = state_epoch(repo)
     assert 1 <= stopped_after < 4, "the kill came too late to test resuming"
 
     rerun = subprocess.run(

@@ -39,6 +39,24 @@ def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _clean_stop(command: Callable[..., Any]) -> Callable[..., Any]:
+    """For the stages: SIGTERM stops them as Ctrl-C does (pneumo.interrupts), so the MLflow
+    run ends as KILLED and no half-written output stays; the exit status is then 143."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from pneumo.interrupts import EXIT_STATUS, Terminated, sigterm_raises
+
+        try:
+            with sigterm_raises():
+                return command(*args, **kwargs)
+        except Terminated as exc:
+            logging.getLogger("pneumo").error("%s before the stage finished", exc)
+            sys.exit(EXIT_STATUS)
+
+    return wrapper
+
+
 def _params(ctx: click.Context):
     from pneumo.config import load_params
 
@@ -71,6 +89,7 @@ def main(ctx: click.Context, params: Path, verbose: bool) -> None:
 @main.command()
 @click.pass_context
 @_friendly
+@_clean_stop
 def fetch(ctx: click.Context) -> None:
     """Bring images from data.source into data/raw with a manifest."""
     from pneumo.fetch import fetch as run_fetch
@@ -83,6 +102,7 @@ def fetch(ctx: click.Context) -> None:
 @click.option("--workers", default=2, show_default=True, help="Decoding processes.")
 @click.pass_context
 @_friendly
+@_clean_stop
 def preprocess(ctx: click.Context, workers: int) -> None:
     """Validate, de-duplicate, split by patient and cache data/raw into data/processed."""
     from pneumo.preprocess import preprocess as run_preprocess
@@ -132,10 +152,24 @@ def validate(ctx: click.Context) -> None:
     click.echo(f"{ctx.obj['params']}: valid → {paths.RESOLVED_PARAMS}")
 
 
+def _run_forwarding_sigterm(command: list[str]) -> int:
+    """Run ``command``; on SIGTERM, pass it on (torchrun stops its workers) and wait."""
+    from pneumo.interrupts import Terminated
+
+    with subprocess.Popen(command) as process:
+        try:
+            return process.wait()
+        except Terminated:
+            process.terminate()
+            process.wait()
+            raise
+
+
 @main.command()
 @click.argument("backbone")
 @click.pass_context
 @_friendly
+@_clean_stop
 def train(ctx: click.Context, backbone: str) -> None:
     """Train BACKBONE on the cache; writes checkpoints/BACKBONE and its reports.
 
@@ -154,7 +188,7 @@ def train(ctx: click.Context, backbone: str) -> None:
             f"--nproc_per_node={params.train.nproc}", "-m", "pneumo",
             "--params", str(ctx.obj["params"]), "train", backbone,
         ]  # fmt: skip
-        ctx.exit(subprocess.run(launch).returncode)
+        ctx.exit(_run_forwarding_sigterm(launch))
     from pneumo.train import train as run_train
 
     run_train(
@@ -171,6 +205,7 @@ def train(ctx: click.Context, backbone: str) -> None:
 @click.argument("backbone")
 @click.pass_context
 @_friendly
+@_clean_stop
 def evaluate(ctx: click.Context, backbone: str) -> None:
     """Evaluate BACKBONE with TTA; writes reports/eval/BACKBONE and the model folder
     models/BACKBONE."""
@@ -191,6 +226,7 @@ def evaluate(ctx: click.Context, backbone: str) -> None:
 @click.option("--no-register", is_flag=True, help="Skip the MLflow model registry.")
 @click.pass_context
 @_friendly
+@_clean_stop
 def compare(ctx: click.Context, no_register: bool) -> None:
     """Compare all backbones, register versions and point @challenger at the best."""
     params = _params(ctx)

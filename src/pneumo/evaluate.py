@@ -199,15 +199,17 @@ def evaluate(
     png = _plots(frames["test"], threshold, test_metrics["roc_auc"], out_dir, title)
     record_file = record.write(out_dir)
 
-    training_run = tracking.training_run_of(ModelCard.weights(checkpoint_dir))
-    with tracking.resume_run(params.tracking, training_run) as run:
-        if run is not None:
-            flat = {f"test_{m}": v["value"] for m, v in test_metrics.items() if isinstance(v, dict)}
-            flat |= {f"val_{m}": v for m, v in val_metrics.items()}
-            flat |= {f"test_no_tta_{m}": v for m, v in no_tta.items()}
-            flat |= {"threshold": threshold}
-            tracking.log_metrics({k: v for k, v in flat.items() if np.isfinite(v)})
-            tracking.log_artifacts([png, record_file], artifact_path="evaluation")
+    # Logged into the training run by id: its status (FINISHED) is never touched.
+    run_id = tracking.find_run(
+        params.tracking, tracking.training_run_of(ModelCard.weights(checkpoint_dir))
+    )
+    if run_id is not None:
+        flat = {f"test_{m}": v["value"] for m, v in test_metrics.items() if isinstance(v, dict)}
+        flat |= {f"val_{m}": v for m, v in val_metrics.items()}
+        flat |= {f"test_no_tta_{m}": v for m, v in no_tta.items()}
+        flat |= {"threshold": threshold}
+        tracking.log_metrics({k: v for k, v in flat.items() if np.isfinite(v)}, run_id=run_id)
+        tracking.log_artifacts([png, record_file], artifact_path="evaluation", run_id=run_id)
     log.info(
         "%s: test accuracy %.4f AUC %.4f at threshold %.3f (%s)",
         backbone,

@@ -22,7 +22,7 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
+from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, Schema
 
 import pneumo
@@ -102,19 +102,22 @@ def register(params: Params, backbone: str, model_dir: Path, evaluation: Evaluat
         "test_accuracy": f"{evaluation.test['accuracy']['value']:.6f}",
         "test_roc_auc": f"{evaluation.test['roc_auc']['value']:.6f}",
     }
-    run_id = tracking.training_run_of(ModelCard.weights(model_dir))
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        tracking.resume_run(params.tracking, run_id) as run,
-    ):
-        if run is None:
-            raise UserError(
-                f"the training run of {backbone} ({run_id or 'not recorded in this clone'}) is "
-                "not in the tracking store; rerun `dvc repro --force train` to register models"
-            )
+    recorded = tracking.training_run_of(ModelCard.weights(model_dir))
+    run_id = tracking.find_run(params.tracking, recorded)
+    if run_id is None:
+        raise UserError(
+            f"the training run of {backbone} ({recorded or 'not recorded in this clone'}) is "
+            "not in the tracking store; rerun `dvc repro --force train` to register models"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        # Model.log with run_id, as mlflow.pyfunc.log_model does with the active run: the
+        # training run is not started again, so a failure here leaves it FINISHED.
         info = tracking.with_retries(
-            lambda: mlflow.pyfunc.log_model(
+            lambda: Model.log(
+                artifact_path=None,
                 name="model",
+                flavor=mlflow.pyfunc,
+                run_id=run_id,
                 python_model=str(Path(pneumo.__file__).parent / "serving.py"),
                 artifacts={MODEL_ARTIFACT: str(model_dir)},
                 code_paths=[str(shipped_code(Path(tmp)))],

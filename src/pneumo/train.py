@@ -421,10 +421,12 @@ def _tracked_training(
     run_name = f"{tracking.experiment_name()}-{backbone}"
     tags = tracking.context_tags(f"train@{backbone}", data_hash) | {"backbone": backbone}
     if saved is not None:
-        # The interrupted attempt's run never ended (SIGKILL): close it, point to it.
-        tracking.close_run(params.tracking, saved["run_id"], status="KILLED")
         tags |= {"resumed_from_epoch": str(saved["epoch"]), "resumed_from_run": saved["run_id"]}
+    # start_run closes this stage's runs whose process is gone (SIGKILL); the run resumed
+    # from is closed by id as well, in case it is not among them (another experiment).
     with tracking.start_run(params.tracking, run_name=run_name, tags=tags) as run:
+        if saved is not None:
+            tracking.close_run(saved["run_id"], status="KILLED", closed_by=run.info.run_id)
         tracking.log_params(
             flatten(params)
             | {"backbone": backbone, "device": str(device), "world_size": world.size}
