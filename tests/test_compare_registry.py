@@ -129,7 +129,7 @@ def test_predict_reports_a_corrupt_file_and_still_predicts_the_others(project_co
 def test_predict_a_folder_with_the_local_model(project_copy):
     result = run_cli("predict", "data/raw/val", "--model", "models/efficientnet-b0")
     assert result.exit_code == 0
-    assert len(result.output.strip().splitlines()) == 1 + len(
+    assert len(result.stdout.strip().splitlines()) == 1 + len(
         list(Path("data/raw/val").rglob("*.jpeg"))
     )
 

@@ -171,7 +171,7 @@ def test_predict_explain_writes_one_grad_cam_figure_per_image(tiny_project, in_t
     model = str(tiny_project / "models/resnet50")
     result = run_cli("predict", "--model", model, "--explain", "cams", *images, str(corrupt))
     assert result.exit_code == 1  # the corrupt file, reported in its row
-    rows = pd.read_csv(StringIO(result.output))
+    rows = pd.read_csv(StringIO(result.stdout))
     figures = [Path(f) for f in rows.explanation.dropna()]
     assert [f.name for f in figures] == [Path(i).stem + ".png" for i in images]
     assert all(f.stat().st_size > 10_000 for f in figures)

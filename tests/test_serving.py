@@ -179,7 +179,7 @@ def test_predict_from_the_registry_matches_the_model_folder(registered, monkeypa
     from_registry = run_cli("predict", *images, "--output", "json")
     from_folder = run_cli("predict", *images, "--model", f"models/{backbone}", "--output", "json")
     assert from_registry.exit_code == 0, from_registry.output
-    assert json.loads(from_registry.output) == json.loads(from_folder.output)
+    assert json.loads(from_registry.stdout) == json.loads(from_folder.stdout)
 
 
 def _free_port() -> int:
