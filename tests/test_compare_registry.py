@@ -8,11 +8,14 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+import yaml
 from mlflow import MlflowClient
 
+from pneumo import registry
 from pneumo.compare import CompareError, update_readme_block
 from pneumo.records import Evaluation
-from tests.conftest import run_cli
+from tests.conftest import TINY_PARAMS, run_cli
+from tests.test_promotion import version_tags
 
 NAME = "pneumo-classifier"
 
@@ -82,8 +85,34 @@ def test_versions_are_registered_with_tags_and_a_challenger(compared):
     assert challenger.current_stage == "None"  # aliases only, no deprecated stages
 
 
+def test_registration_writes_every_tag_the_gate_reads(compared):
+    """tests/test_promotion.py builds versions with these tags instead of training."""
+    client = MlflowClient()
+    for version in client.search_model_versions(f"name='{NAME}'"):
+        assert set(version_tags()) <= set(version.tags)
+        backbone = version.tags["backbone"]
+        evaluation = Evaluation.read(compared / "reports/eval" / backbone)
+        assert version.tags["data_hash"] == evaluation.data_hash
+        assert float(version.tags["val_auc"]) == pytest.approx(evaluation.val["roc_auc"], abs=1e-6)
+        val = pd.read_csv(Evaluation.predictions(compared / "reports/eval" / backbone, "val"))
+        spread = float(version.tags[registry.SPREAD_TAG])
+        assert spread == pytest.approx(val["probability"].std(ddof=0), rel=1e-5, abs=1e-12)
+
+
+def test_a_second_compare_of_the_same_models_keeps_the_challenger(compared):
+    client = MlflowClient()
+    first = client.get_model_version_by_alias(NAME, "challenger").version
+    again = run_cli("compare")
+    assert again.exit_code == 0 and "kept" in again.output
+    assert len(client.search_model_versions(f"name='{NAME}'")) == 4
+    assert client.get_model_version_by_alias(NAME, "challenger").version == first
+
+
 def test_promote_moves_champion_and_the_gate_refuses_a_regression(compared):
     client = MlflowClient()
+    # The tiny models learn little: the floors are tested in tests/test_promotion.py.
+    no_floors = {"min_val_auc": 0.0, "min_prediction_spread": 0.0}
+    (compared / "params.yaml").write_text(yaml.safe_dump({**TINY_PARAMS, "registry": no_floors}))
     first = run_cli("promote")
     assert first.exit_code == 0 and "promoted" in first.output
     champion = client.get_model_version_by_alias(NAME, "champion")
@@ -101,6 +130,8 @@ def test_promote_moves_champion_and_the_gate_refuses_a_regression(compared):
     forced = run_cli("promote", "--version", other.version, "--force")
     assert forced.exit_code == 0 and "forced despite" in forced.output
     assert client.get_model_version_by_alias(NAME, "champion").version == other.version
+    shown = run_cli("promote", "--history").output.splitlines()
+    assert [line.split()[2] for line in shown[1:]] == ["promoted", "refused", "forced"]
 
 
 def test_promote_without_a_challenger_explains_what_to_run(project_copy):
@@ -129,7 +160,7 @@ def test_predict_reports_a_corrupt_file_and_still_predicts_the_others(project_co
 def test_predict_a_folder_with_the_local_model(project_copy):
     result = run_cli("predict", "data/raw/val", "--model", "models/efficientnet-b0")
     assert result.exit_code == 0
-    assert len(result.stdout.strip().splitlines()) == 1 + len(
+    assert len(result.stdout.strip().splitlines()) == 1 + len(  # stderr has the progress bar
         list(Path("data/raw/val").rglob("*.jpeg"))
     )
 

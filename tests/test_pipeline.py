@@ -86,7 +86,12 @@ def test_registry_promote_and_predict(reproduced):
     challenger = client.get_model_version_by_alias("pneumo-classifier", "challenger")
     best = json.loads((root / "reports/comparison.json").read_text())["best"]
     assert challenger.tags["backbone"] == best
-    assert "promoted" in _run("pneumo", "promote", cwd=root)
+    # The sample's best model (validation AUC 0.79 on 54 images) is below the default floor.
+    refused = _run("pneumo", "promote", cwd=root, status=1)
+    assert "is below registry.min_val_auc 0.8" in refused and "Traceback" not in refused
+    assert "forced despite" in _run("pneumo", "promote", "--force", cwd=root)
+    history = _run("pneumo", "promote", "--history", cwd=root).strip().splitlines()
+    assert [line.split()[2] for line in history[-2:]] == ["refused", "forced"]
     images = sorted((root / "data/raw/test/PNEUMONIA").iterdir())[:3]
     output = _run("pneumo", "predict", *map(str, images), cwd=root)
     lines = output.strip().splitlines()

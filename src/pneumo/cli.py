@@ -237,10 +237,10 @@ def compare(ctx: click.Context, no_register: bool) -> None:
         return
     from pneumo import registry
 
-    versions = registry.register_all(params, best=result.best)
+    registered = registry.register_all(params, best=result.best)
     click.echo(
-        f"registered {params.registry.model_name} versions {versions}; "
-        f"@{registry.CHALLENGER} = {result.best} (v{versions[result.best]})"
+        f"registered {params.registry.model_name} versions {registered.versions}; "
+        f"@{registry.CHALLENGER} = v{registered.challenger} ({registered.why})"
     )
 
 
@@ -269,16 +269,31 @@ def plots(out: Path) -> None:
 
 
 @main.command()
-@click.option("--version", "version", default=None, help="Promote this version, not @challenger.")
-@click.option("--force", is_flag=True, help="Promote even if the gate finds a regression.")
+@click.option(
+    "--version", "version", default=None, metavar="N", help="Promote this version, not @challenger."
+)
+@click.option(
+    "--force", is_flag=True, help="Promote even if the gate refuses (recorded as forced)."
+)
+@click.option("--history", is_flag=True, help="Print every promotion decision, newest last.")
 @click.pass_context
 @_friendly
-def promote(ctx: click.Context, version: str | None, force: bool) -> None:
-    """Move the @champion alias to @challenger (or --version) unless it regresses."""
-    params = _params(ctx)
-    from pneumo.registry import promote as run_promote
+def promote(ctx: click.Context, version: str | None, force: bool, history: bool) -> None:
+    """Move the @champion alias to @challenger (or --version) if it passes the gate.
 
-    click.echo(run_promote(params, version=version, force=force))
+    The gate refuses a model below registry.min_val_auc or registry.min_prediction_spread, one
+    validated on other data than the champion, or one ranked worse than the champion by
+    compare.select_by. Every decision is recorded (--history).
+    """
+    params = _params(ctx)
+    from pneumo import registry
+
+    if history:
+        if version is not None or force:
+            raise PneumoError("--history only prints the record: it takes no --version or --force")
+        click.echo(registry.render_history(registry.history(params)))
+        return
+    click.echo(registry.promote(params, version=version, force=force))
 
 
 @main.command()

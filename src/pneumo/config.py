@@ -299,9 +299,17 @@ def selected_metric(select_by: str) -> str:
 
 
 class RegistryConfig(Section):
-    """MLflow refuses '/' and ':' in model names; '@' would end the name in models:/name@alias."""
+    """The registered model's name and the floors of the promotion gate (`pneumo promote`).
+
+    MLflow refuses '/' and ':' in model names; '@' would end the name in models:/name@alias.
+    The floors hold for every candidate, the first champion included; ``--force`` overrides
+    them and the history records it. They are read by `pneumo promote` only, not by a stage.
+    """
 
     model_name: Annotated[Name, Field(pattern=r"^[^/:@]+$")] = "pneumo-classifier"
+    min_val_auc: Fraction = 0.8
+    # The standard deviation of probabilities in [0, 1] is at most 0.5.
+    min_prediction_spread: Annotated[Real, Field(ge=0.0, le=0.5)] = 0.001
 
 
 class TrackingConfig(Section):
