@@ -7,6 +7,7 @@ size; :func:`explanation_png` draws the image beside its heatmap for people to l
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,8 @@ from pneumo.models import PneumoniaNet
 # where the middle cell straddles both lungs and a 1x1 map cannot point anywhere at all. A 6x6
 # map still gives each lung two or three columns and each lung field three rows, and 6 rather
 # than 7 lets 48 px use the 6x6 stage instead of falling back to the 12x12 one, which is
-# two stages shallower; at 224 px the standard 7x7 last stage is kept either way.
+# two stages shallower; at 224 px the standard 7x7 last stage is kept either way. At 48 px
+# this is ResNet layer2, DenseNet denseblock2 and the end of EfficientNet's third stage.
 MIN_SIDE = 6
 
 
@@ -59,14 +61,14 @@ def feature_sides(model: PneumoniaNet, image_size: int) -> list[tuple[str, nn.Mo
     """
     candidates = _candidate_layers(model.backbone)
     sides: dict[str, int] = {}
-    hooks = [
-        module.register_forward_hook(
-            lambda _module, _inputs, output, name=name: sides.__setitem__(
-                name, min(output.shape[-2:])
-            )
-        )
-        for name, module in candidates
-    ]
+
+    def record_side(name: str) -> Callable[[nn.Module, object, torch.Tensor], None]:
+        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+            sides[name] = min(output.shape[-2:])
+
+        return hook
+
+    hooks = [module.register_forward_hook(record_side(name)) for name, module in candidates]
     was_training = model.training
     device = next(model.parameters()).device
     try:
@@ -104,20 +106,23 @@ def grad_cam(model: PneumoniaNet, pixels: np.ndarray, layer: nn.Module) -> np.nd
     bilinearly to ``S x S`` and divided by its maximum per image, so 1 marks the strongest
     evidence for PNEUMONIA in that image and 0 none. A map with no positive evidence anywhere
     stays all zero rather than being stretched. The whole batch goes through in one pass, on
-    the model's device; the model is run in eval mode and left as it was, and its parameters'
-    gradients are not touched (captum takes gradients with ``torch.autograd.grad``).
+    the model's device, also under ``torch.no_grad`` or ``torch.inference_mode``; the model is
+    run in eval mode and left as it was, and its parameters' gradients are not touched (captum
+    takes gradients with ``torch.autograd.grad``).
     """
     side = pixels.shape[-1]
     device = next(model.parameters()).device
-    # Floats, because captum may ask for gradients of its inputs; the model scales them itself.
-    inputs = torch.as_tensor(pixels, device=device).unsqueeze(1).float()
     was_training = model.training
-    try:
-        model.eval()
-        # The model returns one logit per image, so no target index is needed.
-        cams = LayerGradCam(model, layer).attribute(inputs, relu_attributions=True)
-    finally:
-        model.train(was_training)
+    # Gradients are the method, so switch them on even where a caller runs inference without.
+    with torch.inference_mode(False), torch.enable_grad():
+        # Made here, not under the caller's inference mode, so autograd may use them.
+        inputs = torch.as_tensor(pixels, device=device).unsqueeze(1)
+        try:
+            model.eval()
+            # The model returns one logit per image, so no target index is needed.
+            cams = LayerGradCam(model, layer).attribute(inputs, relu_attributions=True)
+        finally:
+            model.train(was_training)
     cams = LayerAttribution.interpolate(cams.detach(), (side, side), interpolate_mode="bilinear")
     cams = cams.squeeze(1)
     peaks = cams.amax(dim=(1, 2), keepdim=True)
