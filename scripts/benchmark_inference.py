@@ -86,7 +86,7 @@ def served(uri: str, image: Path, requests: int) -> dict[str, float]:
                 break
             except OSError:
                 if server.poll() is not None:
-                    raise SystemExit("mlflow models serve exited; run it by hand to see why") from None
+                    raise SystemExit("mlflow models serve exited: run it by hand") from None
                 time.sleep(0.2)
         ready_s = time.perf_counter() - started
         times = []
