@@ -168,10 +168,6 @@ def _train_lesion_detector(seed: int) -> PneumoniaNet:
     return model.eval()
 
 
-def _quadrant(point: tuple[float, float]) -> tuple[bool, bool]:
-    return point[0] >= SIZE / 2, point[1] >= SIZE / 2
-
-
 @pytest.mark.slow
 def test_the_map_follows_a_lesion_a_trained_model_has_learned_to_find():
     model = _train_lesion_detector(seed=0)
@@ -189,9 +185,10 @@ def test_the_map_follows_a_lesion_a_trained_model_has_learned_to_find():
         for own, cam in enumerate(cams):
             other = 1 - own
             assert np.ptp(cam) > 0.5, "the map is not flat"
+            # Nearer its lesion rather than inside its quadrant: the lower-right lesion sits 4 px
+            # below the middle line, and a peak one 8 px cell higher is still close to it.
             peak = np.unravel_index(cam.argmax(), cam.shape)
-            assert _quadrant(peak) == _quadrant(spots[own]), (background_index, peak, spots[own])
-            assert math.dist(peak, spots[own]) < math.dist(peak, spots[other])
+            assert math.dist(peak, spots[own]) < math.dist(peak, spots[other]), (peak, own)
             assert cam[quadrants[own]].sum() > cam[quadrants[other]].sum()
         assert np.abs(cams[0] - cams[1]).mean() > 0.1, "moving the lesion moves the map"
 

@@ -115,8 +115,9 @@ def grad_cam(model: PneumoniaNet, pixels: np.ndarray, layer: nn.Module) -> np.nd
     was_training = model.training
     # Gradients are the method, so switch them on even where a caller runs inference without.
     with torch.inference_mode(False), torch.enable_grad():
-        # Made here, not under the caller's inference mode, so autograd may use them.
-        inputs = torch.as_tensor(pixels, device=device).unsqueeze(1)
+        # Made here, not under the caller's inference mode, so autograd may use them; a copy,
+        # since prepared pixels are read-only arrays.
+        inputs = torch.tensor(pixels, device=device).unsqueeze(1)
         try:
             model.eval()
             # The model returns one logit per image, so no target index is needed.
