@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -13,7 +15,7 @@ from mlflow import MlflowClient
 
 from pneumo import registry
 from pneumo.compare import CompareError, update_readme_block
-from pneumo.records import Evaluation
+from pneumo.records import Evaluation, InferenceSettings, Registration
 from tests.conftest import TINY_PARAMS, run_cli
 from tests.test_promotion import version_tags
 
@@ -21,7 +23,7 @@ NAME = "pneumo-classifier"
 
 
 def test_compare_before_evaluate_says_which_stage_to_run(in_tmp):
-    result = run_cli("compare", "--no-register", params={"backbones": ["resnet50"]})
+    result = run_cli("compare", params={"backbones": ["resnet50"]})
     assert result.exit_code == 1
     assert "not found: run `pneumo evaluate resnet50`" in result.output
 
@@ -37,7 +39,7 @@ def test_evaluations_of_different_caches_are_not_compared(in_tmp):
         ).write(folder)  # fmt: skip
         for split in ("test", "val"):
             predictions.to_csv(Evaluation.predictions(folder, split), index=False)
-    result = run_cli("compare", "--no-register", params={"backbones": ["resnet50", "densenet121"]})
+    result = run_cli("compare", params={"backbones": ["resnet50", "densenet121"]})
     assert result.exit_code == 1
     assert "different preprocess caches" in result.output and "'bbb'" in result.output
 
@@ -51,8 +53,9 @@ def test_readme_without_the_markers_is_a_user_error(tmp_path):
 
 @pytest.fixture
 def compared(project_copy: Path) -> Path:
-    result = run_cli("compare")
-    assert result.exit_code == 0, result.output
+    for command in ("compare", "register"):
+        result = run_cli(command)
+        assert result.exit_code == 0, result.output
     mlflow.set_tracking_uri(f"sqlite:///{project_copy / 'mlflow.db'}")
     return project_copy
 
@@ -99,13 +102,63 @@ def test_registration_writes_every_tag_the_gate_reads(compared):
         assert spread == pytest.approx(val["probability"].std(ddof=0), rel=1e-5, abs=1e-12)
 
 
-def test_a_second_compare_of_the_same_models_keeps_the_challenger(compared):
+def test_registry_json_records_the_versions(compared):
+    record = Registration.read(compared / "reports")
     client = MlflowClient()
-    first = client.get_model_version_by_alias(NAME, "challenger").version
-    again = run_cli("compare")
-    assert again.exit_code == 0 and "kept" in again.output
-    assert len(client.search_model_versions(f"name='{NAME}'")) == 4
-    assert client.get_model_version_by_alias(NAME, "challenger").version == first
+    assert record.store == "embedded" and record.model_name == NAME
+    for backbone, version in record.versions.items():
+        assert client.get_model_version(NAME, version).tags["backbone"] == backbone
+    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == record.challenger
+    assert record.why == "no challenger before"
+
+
+def test_registering_the_same_folders_again_reuses_their_versions(compared):
+    client = MlflowClient()
+    first = Registration.read(compared / "reports")
+    again = run_cli("register")
+    assert again.exit_code == 0, again.output
+    assert len(client.search_model_versions(f"name='{NAME}'")) == 2
+    second = Registration.read(compared / "reports")
+    assert second.versions == first.versions and second.challenger == first.challenger
+    assert second.why == "already @challenger"
+
+
+def test_a_changed_inference_setting_is_a_new_version(compared):
+    """The key covers the settings, not only the weights: a new threshold answers otherwise."""
+    client = MlflowClient()
+    backbone = "resnet50"
+    settings = InferenceSettings.read(compared / "models" / backbone)
+    settings.model_copy(update={"threshold": 0.123}).write(compared / "models" / backbone)
+    assert run_cli("register").exit_code == 0
+    versions = client.search_model_versions(f"name='{NAME}'")
+    assert len(versions) == 3
+    newest = max(versions, key=lambda v: int(v.version))
+    assert newest.tags["backbone"] == backbone
+    assert Registration.read(compared / "reports").versions[backbone] == str(newest.version)
+
+
+def test_a_clone_without_the_training_runs_registers_from_new_runs(compared, tmp_path):
+    """Pulled outputs, no tracking store: each model gets a run that names its weights."""
+    import shutil
+
+    clone = tmp_path / "clone"
+    shutil.copytree(compared, clone, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    shutil.rmtree(clone / ".pneumo")
+    done = subprocess.run(
+        [sys.executable, "-m", "pneumo", "register"], cwd=clone, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "is not in this tracking store" in done.stderr and "Traceback" not in done.stderr
+    record = Registration.read(clone / "reports")
+    assert record.versions == {"resnet50": "1", "efficientnet-b0": "2"}
+    uri = f"sqlite:///{clone / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    for backbone, version in record.versions.items():
+        run = client.get_run(client.get_model_version(NAME, version).run_id)
+        assert run.info.run_name.endswith(f"{backbone}-registration")
+        assert run.info.status == "FINISHED"
+        sha = InferenceSettings.read(clone / "models" / backbone).weights_sha256
+        assert run.data.tags["weights_sha256"] == sha
 
 
 def test_promote_moves_champion_and_the_gate_refuses_a_regression(compared):
@@ -136,7 +189,7 @@ def test_promote_moves_champion_and_the_gate_refuses_a_regression(compared):
 
 def test_promote_without_a_challenger_explains_what_to_run(project_copy):
     result = run_cli("promote")
-    assert result.exit_code == 1 and "dvc repro" in result.output
+    assert result.exit_code == 1 and "pneumo register" in result.output
 
 
 def _some_images(root: Path, n: int = 3) -> list[Path]:

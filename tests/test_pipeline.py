@@ -8,6 +8,9 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -59,7 +62,7 @@ def test_repro_runs_every_stage_and_leaves_nothing_to_do(reproduced):
         "fetch", "preprocess",
         "train@densenet121", "train@resnet50", "train@efficientnet-b4",
         "evaluate@densenet121", "evaluate@resnet50", "evaluate@efficientnet-b4",
-        "compare",
+        "compare", "register",
     }  # fmt: skip
     assert (root / "data/processed/report.json").is_file()
     assert "Data and pipelines are up to date" in _run("dvc", "status", cwd=root)
@@ -119,7 +122,7 @@ def test_exp_run_reruns_only_training_and_later(reproduced):
     output = _run("dvc", "exp", "run", "-S", "loss.gamma=2.0", cwd=root)
     ran = _ran_stages(output)
     later = {f"{stage}@{b}" for stage in ("train", "evaluate") for b in BACKBONES}
-    assert ran == {"validate", *later, "compare", "readme"}
+    assert ran == {"validate", *later, "compare", "readme", "register"}
     name = re.search(r"Ran experiment\(s\): (\S+)", output)[1]
     shown = _run("dvc", "exp", "show", "--json", cwd=root)
     assert name in shown and "roc_auc" in shown
@@ -151,3 +154,82 @@ def test_a_bad_value_stops_before_anything_is_removed(reproduced):
     assert "gamma: -1" in (root / "params.yaml").read_text()
     assert "git checkout params.yaml" in output
     (root / "params.yaml").write_text(params)
+
+
+# --- a copied repository, and a registration killed midway --------------------------------
+
+
+def _files(folder: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(f.relative_to(folder)): (f.stat().st_size, f.stat().st_mtime_ns)
+        for f in folder.rglob("*")
+        if f.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def copied(reproduced, tmp_path_factory) -> Path:
+    """The reproduced repository copied elsewhere, store and DVC cache included."""
+    root, _ = reproduced
+    copy = tmp_path_factory.mktemp("copied") / "pneumo"
+    shutil.copytree(root, copy, symlinks=True)
+    return copy
+
+
+def test_a_copied_repository_runs_experiments_in_its_own_store(reproduced, copied):
+    root, _ = reproduced
+    before = _files(root / "mlartifacts")
+    output = _run("dvc", "exp", "run", "-S", "train.epochs=1", cwd=copied)
+    assert {f"train@{b}" for b in BACKBONES} <= _ran_stages(output)
+    assert _files(root / "mlartifacts") == before
+    name = re.search(r"Ran experiment\(s\): (\S+)", output)[1]
+    mlflow.set_tracking_uri(f"sqlite:///{copied / 'mlflow.db'}")
+    client = MlflowClient()
+    runs = mlflow.search_runs(
+        experiment_names=["pneumo"], filter_string=f"tags.dvc_experiment = '{name}'",
+        output_format="list",
+    )  # fmt: skip
+    assert len(runs) == len(BACKBONES)
+    for run in runs:
+        assert run.info.artifact_uri.startswith((copied / "mlartifacts").as_uri() + "/")
+    for version in client.search_model_versions("name='pneumo-classifier'"):
+        assert str(root) not in client.get_model_version_download_uri(
+            "pneumo-classifier", version.version
+        )
+
+
+def _versions(project: Path) -> int:
+    with sqlite3.connect(f"file:{project / 'mlflow.db'}?mode=ro", uri=True, timeout=30) as db:
+        return db.execute("SELECT count(*) FROM model_versions").fetchone()[0]
+
+
+def test_a_registration_killed_midway_is_finished_by_the_next_repro(copied):
+    """New thresholds give new model folders; the repro is killed after the first of them is
+    registered, and the next `dvc repro` registers the rest, each once."""
+    before = _versions(copied)
+    params = (copied / "params.yaml").read_text()
+    (copied / "params.yaml").write_text(params.replace("threshold: youden", "threshold: 0.5"))
+    env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("DVC_ROOT", None)
+    repro = subprocess.Popen(
+        ["dvc", "repro"], cwd=copied, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 600
+    while _versions(copied) == before and repro.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(repro.pid, signal.SIGKILL)
+    repro.wait()
+    assert _versions(copied) - before in (1, 2), "the kill came too late or too early"
+
+    output = _run("dvc", "repro", cwd=copied)
+    assert "register" in _ran_stages(output)
+    mlflow.set_tracking_uri(f"sqlite:///{copied / 'mlflow.db'}")
+    versions = MlflowClient().search_model_versions("name='pneumo-classifier'")
+    assert len(versions) == before + len(BACKBONES)
+    keys = [v.tags["registration_key"] for v in versions]
+    assert len(set(keys)) == len(keys)
+    record = json.loads((copied / "reports/registry.json").read_text())
+    assert sorted(record["versions"]) == sorted(BACKBONES)
+    assert all(int(v) > before for v in record["versions"].values())
+    assert "Data and pipelines are up to date" in _run("dvc", "status", cwd=copied)

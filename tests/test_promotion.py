@@ -1,6 +1,6 @@
 """The promotion gate, on model versions made directly in a temporary registry (no training).
 
-The versions carry the tags that `pneumo compare` writes (:func:`version_tags`);
+The versions carry the tags that `pneumo register` writes (:func:`version_tags`);
 tests/test_compare_registry.py checks that a real registration writes each of them.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mlflow import MlflowClient
@@ -31,7 +32,7 @@ def version_tags(
     select_by: str = "val_auc",
     **extra: str | None,
 ) -> dict[str, str]:
-    """The tags `pneumo compare` writes on a version (a value of None leaves the tag out)."""
+    """The tags `pneumo register` writes on a version (a value of None leaves the tag out)."""
     tags = {
         "backbone": "resnet50",
         "data_hash": data_hash,
@@ -226,10 +227,13 @@ def test_the_challenger_moves_only_to_a_better_model_on_the_same_data(
     planned = {"resnet50": best, "efficientnet-b0": {"val_auc": 0.6}}
     monkeypatch.setattr(registry.Evaluation, "read", lambda folder: None)
     monkeypatch.setattr(
+        registry.Comparison, "read", lambda folder: SimpleNamespace(best="resnet50")
+    )
+    monkeypatch.setattr(
         registry, "register", lambda params, backbone, *_: add_version(client, **planned[backbone])
     )
     params = parse_params(settings(backbones=["resnet50", "efficientnet-b0"]))
-    done = registry.register_all(params, best="resnet50")
+    done = registry.register_all(params)
     expected = done.versions["resnet50"] if moves else before
     assert done.challenger == expected
     assert str(client.get_model_version_by_alias(NAME, "challenger").version) == expected
@@ -317,12 +321,14 @@ def test_a_bad_version_is_a_one_line_error(client, args, expected):
 
 @pytest.mark.parametrize("args", [[], ["--version", "1"], ["--history"]])
 def test_without_a_registered_model_promote_says_what_to_run(client, args):
-    assert_one_line_error(promote(*args), "no registered model 'pneumo-classifier'", "dvc repro")
+    assert_one_line_error(
+        promote(*args), "no registered model 'pneumo-classifier'", "pneumo register"
+    )
 
 
 def test_a_registered_model_without_versions_says_what_to_run(client):
     client.create_registered_model(NAME)
-    assert_one_line_error(promote(), "pneumo-classifier has no versions", "dvc repro")
+    assert_one_line_error(promote(), "pneumo-classifier has no versions", "pneumo register")
 
 
 def test_versions_without_a_challenger_ask_for_one(client):

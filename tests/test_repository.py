@@ -6,7 +6,7 @@ import yaml
 
 from pneumo import paths
 from pneumo.compare import readme_block, render_table, update_readme_block
-from pneumo.records import Comparison, Evaluation, TrainSummary
+from pneumo.records import Comparison, Evaluation, Registration, TrainSummary
 from tests.conftest import REPO_ROOT
 
 
@@ -60,11 +60,14 @@ def test_dvc_yaml_paths_match_the_code():
         str(paths.model_dir(b)),
     }
     assert str(paths.checkpoint_dir(b)) in stages["evaluate"]["deps"]
-    assert {str(paths.MODELS_DIR), str(paths.RAW_DIR)} <= set(stages["compare"]["deps"])
     comparison = Comparison.path(paths.REPORTS_DIR)
     assert _outs(stages["compare"]) == {
         str(p) for p in (comparison, paths.COMPARISON_MD, paths.COMPARISON_ROC_PNG)
     }
+    assert {str(paths.MODELS_DIR), str(paths.RAW_DIR), str(comparison)} <= set(
+        stages["register"]["deps"]
+    )
+    assert _outs(stages["register"]) == {str(Registration.path(paths.REPORTS_DIR))}
     assert _outs(stages["readme"]) == set()  # README.md is prose people edit: no DVC output
     assert str(comparison) in stages["readme"]["deps"]
 

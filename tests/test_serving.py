@@ -32,14 +32,14 @@ CHAMPION = f"models:/{NAME}@champion"
 
 @pytest.fixture(scope="module")
 def registered(tiny_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the tiny project after compare (registration) and promote."""
+    """A copy of the tiny project after compare and register, then promote."""
     root = tmp_path_factory.mktemp("registered") / "project"
     shutil.copytree(tiny_project, root)
     previous = Path.cwd()
     os.chdir(root)
     try:
         # --force: the serving tests must not hang on whether the tiny models pass the gate
-        for command in (("compare",), ("promote", "--force")):
+        for command in (("compare",), ("register",), ("promote", "--force")):
             result = run_cli(*command)
             assert result.exit_code == 0, result.output
     finally:

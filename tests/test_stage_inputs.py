@@ -27,8 +27,13 @@ def _declared_params(stage: dict) -> list[str]:
     return [key for item in stage.get("params", []) for keys in item.values() for key in keys]
 
 
+# Where runs are logged, not what a stage computes: pointing the project at a tracking server
+# must rerun nothing.
+NOT_INPUTS = ("tracking",)
+
+
 def _covered(key: str, declared: list[str]) -> bool:
-    return any(key == d or key.startswith(f"{d}.") for d in declared)
+    return any(key == d or key.startswith(f"{d}.") for d in (*declared, *NOT_INPUTS))
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +70,12 @@ def test_a_stage_declares_every_param_it_reads(recorded, name):
 def test_a_stage_depends_on_every_module_it_imports(recorded, name):
     modules = {f"src/{m.replace('.', '/')}.py" for m in recorded[name]["modules"]}
     assert sorted(modules - set(STAGES[name]["deps"])) == []
+
+
+def test_no_stage_takes_the_tracking_store_as_an_input():
+    for name, stage in STAGES.items():
+        declared = _declared_params(stage) if name != "validate" else []
+        assert not [k for k in declared if k.split(".")[0] in NOT_INPUTS], name
 
 
 def test_the_recorder_sees_what_a_stage_reads(recorded):

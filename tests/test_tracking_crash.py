@@ -182,8 +182,9 @@ def test_a_failure_while_evaluate_logs_leaves_the_training_run_finished(
 
 @pytest.mark.slow
 def test_registering_logs_the_model_into_the_training_run_and_leaves_it_finished(project_copy):
+    assert run_cli("compare").exit_code == 0
     before = _status(project_copy)
-    result = run_cli("compare")
+    result = run_cli("register")
     assert result.exit_code == 0, result.output
 
     assert _status(project_copy) == before  # every run FINISHED as before, no new run

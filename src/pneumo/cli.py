@@ -223,24 +223,32 @@ def evaluate(ctx: click.Context, backbone: str) -> None:
 
 
 @main.command()
-@click.option("--no-register", is_flag=True, help="Skip the MLflow model registry.")
 @click.pass_context
 @_friendly
 @_clean_stop
-def compare(ctx: click.Context, no_register: bool) -> None:
-    """Compare all backbones, register versions and point @challenger at the best."""
+def compare(ctx: click.Context) -> None:
+    """Compare all backbones on the same test images; rank them on validation."""
     params = _params(ctx)
     from pneumo.compare import compare as run_compare
 
     result = run_compare(params, params.backbones)
-    if no_register:
-        return
+    click.echo(f"best by {params.compare.select_by}: {result.best}")
+
+
+@main.command()
+@click.pass_context
+@_friendly
+@_clean_stop
+def register(ctx: click.Context) -> None:
+    """Register every model folder in the MLflow registry (once each); point @challenger at
+    the comparison's best if it beats the current one."""
+    params = _params(ctx)
     from pneumo import registry
 
-    registered = registry.register_all(params, best=result.best)
+    registered = registry.register_all(params)
     click.echo(
-        f"registered {params.registry.model_name} versions {registered.versions}; "
-        f"@{registry.CHALLENGER} = v{registered.challenger} ({registered.why})"
+        f"{registered.model_name} versions {registered.versions} in the {registered.store} "
+        f"store; @{registry.CHALLENGER} = v{registered.challenger} ({registered.why})"
     )
 
 

@@ -155,3 +155,21 @@ class Comparison(Record):
     ranking: list[str]
     rows: dict[str, dict[str, Any]]
     paired_tests_vs_best: dict[str, dict[str, Any]]
+
+
+class Registration(Record):
+    """What `pneumo register` put in the model registry, in ``reports``: each backbone's
+    version, and the version ``@challenger`` marks, with why.
+
+    The versions are the store's: an empty store gives 1, 2, 3 in backbone order; a store that
+    already holds a model folder's weights and settings gives that version back.
+    """
+
+    FILE = "registry.json"
+    WRITER = "pneumo register"
+
+    model_name: str
+    store: str  # "embedded" (the repository's mlflow.db) or the tracking server's URI
+    versions: dict[str, str]
+    challenger: str
+    why: str

@@ -2,8 +2,9 @@
 
 Each backbone's model folder is logged as an MLflow pyfunc model from code
 (:mod:`pneumo.serving`, no pickle) with a signature, a real input example, complete pinned
-requirements and the SHA-256 of its weights, and registered as a new version. Versions are
-tagged with what produced them; aliases (``challenger``, ``champion``) mark the ones to use.
+requirements and the SHA-256 of its weights, and registered as a version, once: a folder registered
+before (same weights and settings) gets its version back. Versions are tagged with what
+produced them; aliases (``challenger``, ``champion``) mark the ones to use.
 The deprecated registry stages are not used.
 
 Promotion is a gate on those tags (:func:`gate`): absolute floors for every candidate, and a
@@ -15,13 +16,13 @@ from __future__ import annotations
 
 import base64
 import getpass
+import hashlib
 import json
 import logging
 import re
 import shutil
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as installed_version
@@ -41,7 +42,7 @@ from pneumo import paths, tracking
 from pneumo.config import Params, RegistryConfig
 from pneumo.errors import UserError
 from pneumo.inference import MODEL_ARTIFACT, SHIPPED_MODULES, Classifier
-from pneumo.records import Evaluation, ModelCard
+from pneumo.records import Comparison, Evaluation, InferenceSettings, ModelCard, Registration
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ CHALLENGER = "challenger"
 CHAMPION = "champion"
 FLOOR_METRIC = "val_auc"  # the floor is on validation ROC AUC whatever compare.select_by is
 SPREAD_TAG = "val_probability_std"
+KEY_TAG = "registration_key"
 HISTORY_TAG = "promotion_history"
 # MLflow's SQL stores keep a registered model's tag in VARCHAR(5000): the history keeps the
 # newest decisions that fit, each reason cut to REASON_MAX_CHARS: about 45 without reasons,
@@ -76,15 +78,6 @@ class RegistryError(UserError):
 
 class PromotionRefused(UserError):
     """The gate found reasons not to promote the candidate (``--force`` overrides them)."""
-
-
-@dataclass(frozen=True)
-class Registration:
-    """What :func:`register_all` did: backbone → new version, and where @challenger is."""
-
-    versions: dict[str, str]
-    challenger: str
-    why: str
 
 
 def requirements() -> list[str]:
@@ -122,9 +115,25 @@ def prediction_spread(probabilities: Iterable[float]) -> float:
     return float(np.std(np.asarray(list(probabilities), dtype=float)))
 
 
+def registration_key(model_dir: Path) -> str:
+    """Hash of what decides a model folder's answers: its card and inference settings, which
+    hold the weights' SHA-256. Equal keys: the same model, registered once."""
+    digest = hashlib.sha256()
+    for record in (ModelCard, InferenceSettings):
+        digest.update(record.path(model_dir).read_bytes())
+    return digest.hexdigest()[:32]
+
+
 def register(params: Params, backbone: str, model_dir: Path, evaluation: Evaluation) -> str:
-    """Log the backbone's model folder in its training run and register a new version."""
+    """The registered version of the backbone's model folder: the one that already holds
+    these weights and settings (its tags refreshed), else a new version logged in the
+    training run.
+
+    The version is created with its tags in one call, so a kill leaves either no version or
+    one that the next run finds by its ``registration_key``.
+    """
     client = MlflowClient()
+    name = params.registry.model_name
     eval_dir = paths.eval_report_dir(backbone)
     val = pd.read_csv(Evaluation.predictions(eval_dir, "val"))
     classifier = Classifier.load(model_dir)  # refuses a folder whose weights changed
@@ -132,10 +141,11 @@ def register(params: Params, backbone: str, model_dir: Path, evaluation: Evaluat
     select = params.compare.metric
     tags = {
         "backbone": backbone,
-        "git_commit": tracking.context_tags("compare", evaluation.data_hash)["git_commit"],
+        "git_commit": tracking.context_tags("register", evaluation.data_hash)["git_commit"],
         "dvc_experiment": tracking.experiment_name(),
         "data_hash": evaluation.data_hash,
         "weights_sha256": weights_sha256,
+        KEY_TAG: registration_key(model_dir),
         "threshold": f"{evaluation.threshold:.6f}",
         "select_by": params.compare.select_by,
         params.compare.select_by: f"{evaluation.val[select]:.6f}",
@@ -145,13 +155,18 @@ def register(params: Params, backbone: str, model_dir: Path, evaluation: Evaluat
         "test_accuracy": f"{evaluation.test['accuracy']['value']:.6f}",
         "test_roc_auc": f"{evaluation.test['roc_auc']['value']:.6f}",
     }
-    recorded = tracking.training_run_of(ModelCard.weights(model_dir))
-    run_id = tracking.find_run(params.tracking, recorded)
-    if run_id is None:
-        raise UserError(
-            f"the training run of {backbone} ({recorded or 'not recorded in this clone'}) is "
-            "not in the tracking store; rerun `dvc repro --force train` to register models"
-        )
+    existing = _version_with_key(client, name, tags[KEY_TAG])
+    if existing is not None:
+        for key, value in tags.items():
+            if key not in ("git_commit", "dvc_experiment") and existing.tags.get(key) != value:
+                tracking.with_retries(
+                    lambda k=key, v=value: client.set_model_version_tag(
+                        name, existing.version, k, v
+                    )
+                )
+        log.info("%s is already %s version %s: reused", backbone, name, existing.version)
+        return str(existing.version)
+    run_id = _logging_run(params, backbone, model_dir, evaluation)
     with tempfile.TemporaryDirectory() as tmp:
         # Model.log with run_id, as mlflow.pyfunc.log_model does with the active run: the
         # training run is not started again, so a failure here leaves it FINISHED.
@@ -168,32 +183,55 @@ def register(params: Params, backbone: str, model_dir: Path, evaluation: Evaluat
                 signature=SIGNATURE,
                 input_example=input_example(eval_dir),
                 pip_requirements=requirements(),
-                registered_model_name=params.registry.model_name,
             )
         )
-    version = str(info.registered_model_version)
-    for key, value in tags.items():
-        tracking.with_retries(
-            lambda k=key, v=value: client.set_model_version_tag(
-                params.registry.model_name, version, k, v
-            )
-        )
-    log.info("registered %s as %s version %s", backbone, params.registry.model_name, version)
-    return version
+    created = tracking.with_retries(lambda: mlflow.register_model(info.model_uri, name, tags=tags))
+    log.info("registered %s as %s version %s", backbone, name, created.version)
+    return str(created.version)
 
 
-def register_all(params: Params, best: str) -> Registration:
-    """Register every backbone's evaluated model; ``@challenger`` goes to ``best`` only if it
-    beats the current challenger.
+def _version_with_key(client: MlflowClient, name: str, key: str) -> ModelVersion | None:
+    """The oldest version registered from the same model folder, if any."""
+    try:
+        found = client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    same = [v for v in found if v.tags.get(KEY_TAG) == key]
+    return min(same, key=lambda v: int(v.version), default=None)
 
-    Versions finish registering in backbone order, so order must not decide: the current
-    challenger stays when it was validated on the same data and ranks equal or better by
-    ``compare.select_by``. One validated on other data (or without that metric's tag) cannot be
-    ranked against the new best, and the new best, validated on today's data, takes over.
-    """
+
+def _logging_run(params: Params, backbone: str, model_dir: Path, evaluation: Evaluation) -> str:
+    """The run to log the model into: its training run, or, when this store does not hold
+    it (a clone with pulled outputs, another tracking server), a new run that says which
+    checkpoint it registers."""
+    weights = ModelCard.weights(model_dir)
+    recorded = tracking.training_run_of(weights)
+    run_id = tracking.find_run(params.tracking, recorded)
+    if run_id is not None:
+        return run_id
+    tags = tracking.context_tags(f"register@{backbone}", evaluation.data_hash) | {
+        "backbone": backbone,
+        "weights_sha256": Classifier.load(model_dir).settings.weights_sha256,
+        "trained_in_run": recorded or "unknown (not recorded in this clone)",
+    }
+    run_name = f"{tracking.experiment_name()}-{backbone}-registration"
+    with tracking.start_run(params.tracking, run_name=run_name, tags=tags) as run:
+        tracking.log_artifacts([ModelCard.path(model_dir)])
+    log.warning(
+        "the training run of %s is not in this tracking store (trained in another clone?): "
+        "its model is logged in the new run %s, tagged with the weights' SHA-256",
+        backbone, run.info.run_id,
+    )  # fmt: skip
+    return run.info.run_id
+
+
+def register_all(params: Params) -> Registration:
+    """Register every backbone's model folder (:func:`register`); ``@challenger`` goes to the
+    comparison's best only if it beats the current challenger (:func:`challenger_choice`)."""
     tracking.configure(params.tracking)
     client = MlflowClient()
     name = params.registry.model_name
+    best = Comparison.read(paths.REPORTS_DIR).best
     current = _version_by_alias(client, name, CHALLENGER)
     versions = {}
     for backbone in params.backbones:
@@ -201,10 +239,18 @@ def register_all(params: Params, best: str) -> Registration:
         versions[backbone] = register(params, backbone, paths.model_dir(backbone), evaluation)
     new = client.get_model_version(name, versions[best])
     challenger, why = challenger_choice(current, new, params.compare.select_by)
-    if challenger == str(new.version):
+    if current is None or str(current.version) != challenger:
         set_alias(name, CHALLENGER, challenger)
     log.info("@%s is version %s: %s", CHALLENGER, challenger, why)
-    return Registration(versions=versions, challenger=challenger, why=why)
+    record = Registration(
+        model_name=name,
+        store=tracking.store_label(params.tracking),
+        versions=versions,
+        challenger=challenger,
+        why=why,
+    )
+    record.write(paths.REPORTS_DIR)
+    return record
 
 
 def challenger_choice(
@@ -213,6 +259,8 @@ def challenger_choice(
     """The version that ``@challenger`` should mark, and why."""
     if current is None:
         return str(new.version), "no challenger before"
+    if str(current.version) == str(new.version):
+        return str(new.version), "already @challenger"
     was = f"the previous challenger v{current.version}"
     if current.tags.get("data_hash") != new.tags.get("data_hash"):
         return str(new.version), f"{was} was validated on other data"
@@ -312,8 +360,8 @@ def _require_model(client: MlflowClient, name: str) -> None:
         if exc.error_code != NOT_FOUND:
             raise
         raise RegistryError(
-            f"no registered model {name!r} in {mlflow.get_tracking_uri()}: run `dvc repro` "
-            "(its compare stage registers the models) first"
+            f"no registered model {name!r} in {mlflow.get_tracking_uri()}: run `pneumo "
+            "register` (the register stage of `dvc repro`) first"
         ) from None
 
 
@@ -327,12 +375,12 @@ def _candidate(client: MlflowClient, name: str, version: str | None) -> ModelVer
         raise RegistryError(f"--version takes a version number such as 3, not {version!r}")
     known = _versions(client, name)
     if not known:
-        raise RegistryError(f"{name} has no versions: run `dvc repro` (compare) first")
+        raise RegistryError(f"{name} has no versions: run `pneumo register` first")
     if version is None:
         candidate = _version_by_alias(client, name, CHALLENGER)
         if candidate is None:
             raise RegistryError(
-                f"{name} has no {CHALLENGER!r} alias: run `dvc repro` (compare) first, or pass "
+                f"{name} has no {CHALLENGER!r} alias: run `pneumo register` first, or pass "
                 "--version"
             )
         return candidate

@@ -457,7 +457,8 @@ def _tracked_training(
             normalisation=normalisation(params.model.pretrained),
             best_epoch=result.best_epoch,
             data_hash=data_hash,
-            params=params.model_dump(mode="json"),
+            # Not where runs are logged nor the promotion gate: they say nothing about the model.
+            params=params.model_dump(mode="json", exclude={"tracking", "registry"}),
         )
 
         with staged_dir(checkpoint_dir) as staging:
