@@ -204,3 +204,31 @@ def copy_repository(dest: Path) -> Path:
             cwd=dest, check=True, capture_output=True,
         )  # fmt: skip
     return dest
+
+
+def tiny_repository(dest: Path) -> Path:
+    """:func:`copy_repository` with TINY_PARAMS (one epoch) committed as its params.yaml: a
+    DVC project whose `dvc repro` takes about a minute."""
+    import json
+
+    import yaml
+
+    copy_repository(dest)
+    raw = json.loads(json.dumps(TINY_PARAMS))
+    raw["train"]["epochs"] = 1
+    (dest / "params.yaml").write_text(yaml.safe_dump(raw))
+    subprocess.run(
+        ["git", "-c", "user.name=pneumo-tests", "-c", "user.email=tests@pneumo.invalid",
+         "commit", "-qam", "tiny params"],
+        cwd=dest, check=True, capture_output=True,
+    )  # fmt: skip
+    return dest
+
+
+def tool_env(**extra: str) -> dict[str, str]:
+    """The environment for `dvc` and `pneumo` subprocesses: this venv first on PATH, no
+    DVC_ROOT of an enclosing run, no tracking server unless given in ``extra``."""
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for name in ("DVC_ROOT", "MLFLOW_TRACKING_URI"):
+        env.pop(name, None)
+    return env | extra

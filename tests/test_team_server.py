@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
+from tests.conftest import tiny_repository, tool_env
 from tests.team_stack import SCRIPT, TeamServer, team_server  # noqa: F401 (fixture)
+
+NAME = "pneumo-classifier"
+
+
+def _run(*args: str, cwd: Path, env: dict[str, str]) -> str:
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{args} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def _on_server(server: TeamServer, uri: str) -> Path:
+    """The folder of an ``mlflow-artifacts:/…`` URI in the server's artifact store."""
+    assert uri.startswith("mlflow-artifacts:/"), uri
+    return server.artifacts / uri.removeprefix("mlflow-artifacts:/").lstrip("/")
 
 
 def test_usage_without_arguments():
@@ -50,3 +68,55 @@ def test_runs_go_to_postgresql_and_artifacts_to_the_server(
     assert team_server.sql(
         "select name from experiments where experiment_id = :id", id=int(experiment_id)
     ) == [("team-stack",)]
+
+
+@pytest.mark.slow
+def test_a_team_runs_the_pipeline_on_the_server_and_a_second_clone_serves_its_champion(
+    team_server: TeamServer,  # noqa: F811
+    tmp_path: Path,
+):
+    """One clone runs `dvc repro` against the server; nothing is tracked locally. A fresh clone
+    with no data, no DVC outputs and no store predicts with the champion it promoted."""
+    from mlflow import MlflowClient
+
+    env = tool_env(MLFLOW_TRACKING_URI=team_server.uri)
+    first = tiny_repository(tmp_path / "first")
+    started = time.perf_counter()
+    _run("dvc", "repro", cwd=first, env=env)
+    print(f"dvc repro against the team server: {time.perf_counter() - started:.1f} s")
+    assert not (first / "mlflow.db").exists() and not (first / "mlartifacts").exists()
+
+    client = MlflowClient(tracking_uri=team_server.uri, registry_uri=team_server.uri)
+    experiment = client.get_experiment_by_name("tests")
+    assert experiment.artifact_location.startswith("mlflow-artifacts:")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags["dvc_stage"] for r in runs) == [
+        "train@efficientnet-b0", "train@resnet50"
+    ]  # fmt: skip
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        stored = _on_server(team_server, run.info.artifact_uri)
+        assert (stored / "model.pt").stat().st_size > 0
+        assert (stored / "evaluation" / "metrics.json").is_file()  # logged by evaluate
+    record = json.loads((first / "reports/registry.json").read_text())
+    assert record["store"] == team_server.uri
+    for backbone, version in record["versions"].items():
+        source = client.get_model_version_download_uri(NAME, version)
+        assert (_on_server(team_server, source) / "MLmodel").is_file(), backbone
+    assert team_server.sql("select count(*) from model_versions") == [(2,)]
+
+    _run("pneumo", "promote", "--force", cwd=first, env=env)  # tiny models: below the floor
+    champion = client.get_model_version_by_alias(NAME, "champion")
+    backbone = champion.tags["backbone"]
+    expected = pd.read_csv(first / f"reports/eval/{backbone}/predictions.csv").iloc[0]
+    image = first / "data/raw" / expected["image"]
+
+    second = tmp_path / "second"
+    _run("git", "clone", "-q", str(first), str(second), cwd=tmp_path, env=env)
+    output = _run(
+        "pneumo", "predict", "--model", f"models:/{NAME}@champion", "--output", "json",
+        str(image), cwd=second, env=env,
+    )  # fmt: skip
+    [row] = json.loads(output)
+    assert row["probability"] == pytest.approx(expected["probability"], abs=1e-6)
+    assert not (second / "mlflow.db").exists() and not (second / "data").exists()
