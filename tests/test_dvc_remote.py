@@ -1,0 +1,125 @@
+"""The default DVC remote: a folder beside the repository, shared by the clones in one folder.
+
+End to end in a temporary copy: `dvc repro` on tiny params, `dvc push`, `git clone` beside the
+copy, `dvc pull` there; the clone has nothing left to do and predicts what the original does.
+The copy's remote lands beside the copy, never in the developer's own storage.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT, TINY_PARAMS, copy_repository
+
+BIN = Path(sys.executable).parent
+GIT = ("git", "-c", "user.name=pneumo-tests", "-c", "user.email=tests@pneumo.invalid")
+STORAGE = "pneumo-dvc-storage"  # the default remote's folder, beside the repository
+BACKBONES = ("resnet50", "efficientnet-b0")
+RAW = "data/raw/"  # predictions.csv names images relative to it
+
+
+def _run(*args: str, cwd: Path, status: int = 0) -> str:
+    env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("DVC_ROOT", None)
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == status, (
+        f"{args} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    )
+    return done.stdout + done.stderr
+
+
+def _default_remote(dvc_dir: Path) -> tuple[str, Path]:
+    """The name and resolved folder of the default remote in a repository's .dvc/config."""
+    from dvc.config import Config
+
+    conf = Config(dvc_dir=str(dvc_dir), validate=False).load_one("repo")
+    name = conf["core"]["remote"]
+    return name, Path(conf["remote"][name]["url"])
+
+
+def test_the_committed_default_remote_is_a_folder_beside_the_repository():
+    """Works with no set-up, and keeps test copies off shared storage: a team store is chosen
+    per clone (`dvc remote default --local`), never as the committed default."""
+    name, url = _default_remote(REPO_ROOT / ".dvc")
+    assert url == REPO_ROOT.parent / STORAGE, name
+    committed = (REPO_ROOT / ".dvc/config").read_text()
+    for secret in ("access_key_id", "secret_access_key", "session_token", "password"):
+        assert secret not in committed, f"{secret}: use `dvc remote modify --local`"
+
+
+def _tiny_params() -> dict:
+    params = copy.deepcopy(TINY_PARAMS)
+    params["backbones"] = list(BACKBONES)
+    params["train"]["epochs"] = 1
+    return params
+
+
+def _predict(root: Path, backbone: str, image: str) -> float:
+    output = _run(
+        "pneumo", "predict", "--model", f"models/{backbone}", "--output", "json", image, cwd=root
+    )
+    rows, _ = json.JSONDecoder().raw_decode(output, output.index("["))  # stdout, then stderr
+    assert len(rows) == 1 and not rows[0].get("error"), rows
+    return rows[0]["probability"]
+
+
+def _evaluated_probability(root: Path, backbone: str, image: str) -> float:
+    """The probability `evaluate` wrote for ``image`` in the test predictions (a DVC output)."""
+    with open(root / f"reports/eval/{backbone}/predictions.csv", newline="") as file:
+        rows = [row for row in csv.DictReader(file) if row["image"] == image.removeprefix(RAW)]
+    assert len(rows) == 1, image
+    return float(rows[0]["probability"])
+
+
+@pytest.mark.slow
+def test_push_then_pull_into_a_fresh_clone_leaves_nothing_to_do(tmp_path):
+    root = copy_repository(tmp_path / "pneumo")
+    # The copy's default remote is beside the copy: tests never write the developer's storage.
+    name, storage = _default_remote(root / ".dvc")
+    assert storage == tmp_path / STORAGE
+    listed = _run("dvc", "remote", "list", cwd=root).split()  # DVC wraps long lines
+    assert listed == [name, str(storage), "(default)"]
+
+    (root / "params.yaml").write_text(yaml.safe_dump(_tiny_params(), sort_keys=False))
+    _run("pneumo", "check", cwd=root)
+    _run(*GIT, "commit", "-qam", "tiny params", cwd=root)
+    _run("dvc", "repro", cwd=root)
+    _run("git", "add", "-A", cwd=root)
+    _run(*GIT, "commit", "-qm", "results", cwd=root)
+    assert _run("git", "status", "--porcelain", cwd=root) == ""
+
+    assert not storage.exists()
+    pushed = _run("dvc", "push", cwd=root)
+    assert "files pushed" in pushed, pushed
+    assert (storage / "files/md5").is_dir()
+    assert "in sync" in _run("dvc", "status", "--cloud", cwd=root)
+
+    clone = tmp_path / "clone"
+    _run("git", "clone", "-q", str(root), str(clone), cwd=tmp_path)
+    assert _default_remote(clone / ".dvc")[1] == storage  # the same folder, beside both
+    assert not (clone / "models").exists()
+    pulled = _run("dvc", "pull", cwd=clone)
+    assert "Everything is up to date" not in pulled, pulled
+    assert "Data and pipelines are up to date." in _run("dvc", "status", cwd=clone)
+    assert _run("git", "status", "--porcelain", cwd=clone) == ""
+
+    image = str(sorted((clone / "data/raw/test/PNEUMONIA").iterdir())[0].relative_to(clone))
+    assert (root / image).read_bytes() == (clone / image).read_bytes()
+    for backbone in BACKBONES:
+        assert (clone / f"models/{backbone}/model.pt").read_bytes() == (
+            root / f"models/{backbone}/model.pt"
+        ).read_bytes()
+        probability = _predict(clone, backbone, image)
+        evaluated = _evaluated_probability(root, backbone, image)  # the original's evaluation
+        assert probability == pytest.approx(evaluated, abs=1e-6), backbone
+    # and exactly what `pneumo predict` says in the original (one backbone: ~5 s a process)
+    assert _predict(root, BACKBONES[0], image) == _predict(clone, BACKBONES[0], image)
