@@ -177,6 +177,18 @@ def wait_for_epoch(project: Path, process: subprocess.Popen, timeout: float = 30
     return state_epoch(project)
 
 
+def kill_after_first_epoch(project: Path) -> int:
+    """`pneumo train resnet50` in ``project``, SIGKILLed once it has saved an epoch's state
+    (as a pre-empted job dies: no handler runs); returns that epoch."""
+    import signal
+
+    process = pneumo_process("train", "resnet50", cwd=project)
+    epoch = wait_for_epoch(project, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return epoch
+
+
 def tracked_runs(project: Path) -> list:
     """The runs of the project's tracking store, in the tests' experiment."""
     import mlflow

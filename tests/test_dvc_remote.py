@@ -7,7 +7,6 @@ The copy's remote lands beside the copy, never in the developer's own storage.
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import os
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT, TINY_PARAMS, copy_repository
+from tests.conftest import REPO_ROOT, tiny_repository
 
 BIN = Path(sys.executable).parent
 GIT = ("git", "-c", "user.name=pneumo-tests", "-c", "user.email=tests@pneumo.invalid")
@@ -56,13 +55,6 @@ def test_the_committed_default_remote_is_a_folder_beside_the_repository():
         assert secret not in committed, f"{secret}: use `dvc remote modify --local`"
 
 
-def _tiny_params() -> dict:
-    params = copy.deepcopy(TINY_PARAMS)
-    params["backbones"] = list(BACKBONES)
-    params["train"]["epochs"] = 1
-    return params
-
-
 def _predict(root: Path, backbone: str, image: str) -> float:
     output = _run(
         "pneumo", "predict", "--model", f"models/{backbone}", "--output", "json", image, cwd=root
@@ -82,16 +74,14 @@ def _evaluated_probability(root: Path, backbone: str, image: str) -> float:
 
 @pytest.mark.slow
 def test_push_then_pull_into_a_fresh_clone_leaves_nothing_to_do(tmp_path):
-    root = copy_repository(tmp_path / "pneumo")
+    root = tiny_repository(tmp_path / "pneumo")
     # The copy's default remote is beside the copy: tests never write the developer's storage.
     name, storage = _default_remote(root / ".dvc")
     assert storage == tmp_path / STORAGE
     listed = _run("dvc", "remote", "list", cwd=root).split()  # DVC wraps long lines
     assert listed == [name, str(storage), "(default)"]
 
-    (root / "params.yaml").write_text(yaml.safe_dump(_tiny_params(), sort_keys=False))
-    _run("pneumo", "check", cwd=root)
-    _run(*GIT, "commit", "-qam", "tiny params", cwd=root)
+    assert tuple(yaml.safe_load((root / "params.yaml").read_text())["backbones"]) == BACKBONES
     _run("dvc", "repro", cwd=root)
     _run("git", "add", "-A", cwd=root)
     _run(*GIT, "commit", "-qm", "results", cwd=root)
@@ -123,3 +113,15 @@ def test_push_then_pull_into_a_fresh_clone_leaves_nothing_to_do(tmp_path):
         assert probability == pytest.approx(evaluated, abs=1e-6), backbone
     # and exactly what `pneumo predict` says in the original (one backbone: ~5 s a process)
     assert _predict(root, BACKBONES[0], image) == _predict(clone, BACKBONES[0], image)
+
+    # The clone has the outputs but not the original's tracking store: registering there logs
+    # each model in a new run that names its weights, and the registry serves it.
+    assert not (clone / "mlflow.db").exists()
+    registered = _run("pneumo", "register", cwd=clone)
+    assert "is not in this tracking store" in registered and "Traceback" not in registered
+    _run("pneumo", "promote", "--force", cwd=clone)  # tiny models: below the floor
+    record = json.loads((clone / "reports/registry.json").read_text())
+    [backbone] = [b for b, v in record["versions"].items() if v == record["challenger"]]
+    output = _run("pneumo", "predict", "--output", "json", image, cwd=clone)
+    rows, _ = json.JSONDecoder().raw_decode(output, output.index("["))
+    assert rows[0]["probability"] == pytest.approx(_evaluated_probability(root, backbone, image))

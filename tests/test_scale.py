@@ -20,6 +20,7 @@ from pneumo.data import BalancedSampler, batch_augmentation, train_sampler
 from pneumo.preprocess import write_array
 from tests.conftest import (
     TINY_PARAMS,
+    kill_after_first_epoch,
     pneumo_process,
     state_epoch,
     tracked_runs,
@@ -182,10 +183,7 @@ def test_training_killed_after_an_epoch_resumes_to_the_identical_checkpoint(tiny
         write_params(project, epochs=epochs, patience=epochs)
     assert pneumo_process("train", "resnet50", cwd=uninterrupted).wait() == 0
 
-    process = pneumo_process("train", "resnet50", cwd=killed)
-    wait_for_epoch(killed, process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_after_first_epoch(killed)
     stopped_after = state_epoch(killed)
     assert 1 <= stopped_after < epochs, "the kill came too late to test resuming"
     assert not (killed / "checkpoints/resnet50").exists()
@@ -218,10 +216,7 @@ def test_training_killed_after_an_epoch_resumes_to_the_identical_checkpoint(tiny
 @pytest.mark.slow
 def test_a_state_from_other_settings_is_never_resumed(project_copy):
     write_params(project_copy, epochs=2, lr=0.01)
-    process = pneumo_process("train", "resnet50", cwd=project_copy)
-    wait_for_epoch(project_copy, process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_after_first_epoch(project_copy)
     write_params(project_copy, epochs=2, lr=0.002)
     rerun = pneumo_process("train", "resnet50", cwd=project_copy)
     output = rerun.communicate()[0]

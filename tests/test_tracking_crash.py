@@ -19,6 +19,7 @@ from pneumo import tracking
 from pneumo.config import TrackingConfig
 from pneumo.interrupts import EXIT_STATUS
 from tests.conftest import (
+    kill_after_first_epoch,
     pneumo_process,
     run_cli,
     state_epoch,
@@ -62,10 +63,7 @@ def test_sigterm_during_training_ends_the_run_as_killed_and_writes_no_checkpoint
 @pytest.mark.slow
 def test_a_run_left_running_by_sigkill_is_closed_by_the_next_training_of_its_stage(project_copy):
     _fresh_training(project_copy, epochs=2, patience=2)
-    process = pneumo_process("train", "resnet50", cwd=project_copy)
-    wait_for_epoch(project_copy, process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_after_first_epoch(project_copy)
     [killed] = tracked_runs(project_copy)
     assert killed.info.status == "RUNNING"  # what SIGKILL leaves behind
 
