@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -70,10 +71,17 @@ def run_cli(*args: str, params: dict | None = None) -> Result:
 
 
 @pytest.fixture(autouse=True)
-def _no_user_mlflow(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests never log into a developer's own tracking server."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+def _no_user_mlflow() -> Iterator[None]:
+    """Tests never log into a developer's own tracking server, nor into another test's store.
+
+    ``mlflow.set_tracking_uri`` exports ``MLFLOW_TRACKING_URI``, which pneumo reads first: left
+    set by one test, it would send the next one's `dvc` and `pneumo` processes to that store.
+    Removed before and after each test, so module fixtures (set up between tests) see none.
+    """
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 TINY_PARAMS = {
@@ -149,7 +157,7 @@ def write_params(project: Path, **train) -> None:
 
 def pneumo_process(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
     """`python -m pneumo ARGS` in ``cwd``, stdout and stderr together as text."""
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    env = tool_env(PYTHONUNBUFFERED="1")
     return subprocess.Popen(
         [sys.executable, "-m", "pneumo", *args], cwd=cwd, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs,

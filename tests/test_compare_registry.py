@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from pneumo import registry
 from pneumo.compare import CompareError, update_readme_block
 from pneumo.records import Evaluation, InferenceSettings, Registration
-from tests.conftest import TINY_PARAMS, run_cli
+from tests.conftest import TINY_PARAMS, run_cli, tool_env
 from tests.test_promotion import version_tags
 
 NAME = "pneumo-classifier"
@@ -145,7 +145,11 @@ def test_a_clone_without_the_training_runs_registers_from_new_runs(compared, tmp
     shutil.copytree(compared, clone, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
     shutil.rmtree(clone / ".pneumo")
     done = subprocess.run(
-        [sys.executable, "-m", "pneumo", "register"], cwd=clone, capture_output=True, text=True
+        [sys.executable, "-m", "pneumo", "register"],
+        cwd=clone,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     assert "is not in this tracking store" in done.stderr and "Traceback" not in done.stderr

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT, tiny_repository
+from tests.conftest import REPO_ROOT, tiny_repository, tool_env
 
 BIN = Path(sys.executable).parent
 GIT = ("git", "-c", "user.name=pneumo-tests", "-c", "user.email=tests@pneumo.invalid")
@@ -27,8 +26,7 @@ RAW = "data/raw/"  # predictions.csv names images relative to it
 
 
 def _run(*args: str, cwd: Path, status: int = 0) -> str:
-    env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("DVC_ROOT", None)
+    env = tool_env()
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     assert done.returncode == status, (
         f"{args} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -21,7 +18,7 @@ from pneumo.experiments import (
     render_report,
     set_param_args,
 )
-from tests.conftest import REPO_ROOT, copy_repository
+from tests.conftest import REPO_ROOT, copy_repository, tool_env
 
 APPROACHES = REPO_ROOT / "configs/approaches"
 
@@ -125,8 +122,7 @@ def test_two_queued_experiments_in_parallel_lose_no_mlflow_run(tmp_path):
     params["train"]["epochs"] = 1
     params["evaluate"]["bootstrap"]["resamples"] = 50
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("DVC_ROOT", None)
+    env = tool_env()
 
     def run(*args: str) -> str:
         done = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True)

@@ -21,7 +21,7 @@ from pneumo.inference import (
     tta_probabilities,
     tta_view,
 )
-from tests.conftest import jpeg_bytes, run_cli, write_tree
+from tests.conftest import jpeg_bytes, run_cli, tool_env, write_tree
 
 
 def _symmetric_image() -> torch.Tensor:
@@ -82,7 +82,11 @@ def _test_images(project, count: int) -> pd.DataFrame:
 
 def _pneumo(*args: str, cwd) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pneumo", *args], cwd=cwd, capture_output=True, text=True
+        [sys.executable, "-m", "pneumo", *args],
+        cwd=cwd,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
     )
 
 
@@ -159,7 +163,7 @@ def test_predicting_with_a_model_folder_does_not_import_mlflow(tiny_project, tmp
         "assert 'mlflow' not in sys.modules, 'mlflow was imported'\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True
+        [sys.executable, "-c", code], cwd=tmp_path, env=tool_env(), capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("file,probability,label,error\n")

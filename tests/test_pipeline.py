@@ -20,7 +20,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import REPO_ROOT, copy_repository
+from tests.conftest import REPO_ROOT, copy_repository, tool_env
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -28,8 +28,7 @@ BACKBONES = ("densenet121", "resnet50", "efficientnet-b4")
 
 
 def _run(*args: str, cwd: Path, status: int = 0) -> str:
-    env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("DVC_ROOT", None)
+    env = tool_env()
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     assert done.returncode == status, (
         f"{args} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
@@ -209,8 +208,7 @@ def test_a_registration_killed_midway_is_finished_by_the_next_repro(copied):
     before = _versions(copied)
     params = (copied / "params.yaml").read_text()
     (copied / "params.yaml").write_text(params.replace("threshold: youden", "threshold: 0.5"))
-    env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("DVC_ROOT", None)
+    env = tool_env()
     repro = subprocess.Popen(
         ["dvc", "repro"], cwd=copied, env=env, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -23,6 +22,7 @@ from tests.conftest import (
     kill_after_first_epoch,
     pneumo_process,
     state_epoch,
+    tool_env,
     tracked_runs,
     wait_for_epoch,
     write_params,
@@ -261,8 +261,7 @@ def test_a_killed_dvc_repro_continues_training_where_it_stopped(tmp_path):
     raw["train"] |= {"epochs": 4, "patience": 4}
     # Every key spelled out: DVC reads the params each stage declares from the file itself.
     (repo / "params.yaml").write_text(yaml.safe_dump(parse_params(raw).model_dump(mode="json")))
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("DVC_ROOT", None)
+    env = tool_env()
     job = subprocess.Popen(
         ["dvc", "repro", "train@resnet50"], cwd=repo, env=env, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -24,7 +24,7 @@ import yaml
 from packaging.requirements import Requirement
 
 from pneumo.inference import SHIPPED_MODULES, IntegrityError, sha256_of
-from tests.conftest import run_cli
+from tests.conftest import run_cli, tool_env
 
 NAME = "pneumo-classifier"
 CHAMPION = f"models:/{NAME}@champion"
@@ -129,7 +129,7 @@ def test_the_model_loads_only_its_shipped_code(registered, champion_dir):
     encoded = base64.b64encode(_test_image(registered).read_bytes()).decode()
     probe = subprocess.run(
         [sys.executable, "-c", _IMPORTS_PROBE, str(champion_dir), encoded],
-        capture_output=True, text=True, cwd=champion_dir,
+        capture_output=True, text=True, cwd=champion_dir, env=tool_env(),
     )  # fmt: skip
     assert probe.returncode == 0, probe.stderr
     prediction, pneumo_modules = (json.loads(x) for x in probe.stdout.strip().splitlines()[-2:])
@@ -206,7 +206,7 @@ def _records(records: list[dict]) -> bytes:
 def served(registered: Path):
     """`mlflow models serve -m models:/…@champion --env-manager local` on a free port."""
     port = _free_port()
-    env = os.environ | {
+    env = tool_env() | {
         "MLFLOW_TRACKING_URI": f"sqlite:///{registered / 'mlflow.db'}",
         # mlflow runs `uvicorn` from PATH: this interpreter's scripts, as in an active venv.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, tool_env
 
 RECORDER = Path(__file__).with_name("record_stage.py")
 STAGES = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
@@ -52,7 +52,7 @@ def recorded(tiny_project: Path, tmp_path_factory: pytest.TempPathFactory) -> di
         assert command[0] == "pneumo"
         done = subprocess.run(
             [sys.executable, str(RECORDER), str(out), *command[1:]],
-            cwd=root, capture_output=True, text=True,
+            cwd=root, env=tool_env(), capture_output=True, text=True,
         )  # fmt: skip
         assert done.returncode == 0, (name, done.stderr[-2000:])
         found[name] = json.loads(out.read_text())

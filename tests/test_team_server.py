@@ -39,12 +39,11 @@ def test_usage_without_arguments():
 def test_runs_go_to_postgresql_and_artifacts_to_the_server(
     team_server: TeamServer,  # noqa: F811
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ):
     import mlflow
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", team_server.uri)
-    client = mlflow.MlflowClient()
+    # Explicit URIs: MLflow prefers a URI set earlier in this process to the environment.
+    client = mlflow.MlflowClient(tracking_uri=team_server.uri, registry_uri=team_server.uri)
     experiment_id = client.create_experiment("team-stack")  # no artifact_location: the server's
     run_id = client.create_run(experiment_id).info.run_id
     note = tmp_path / "note.txt"
