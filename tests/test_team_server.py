@@ -104,6 +104,19 @@ def test_a_team_runs_the_pipeline_on_the_server_and_a_second_clone_serves_its_ch
         assert (_on_server(team_server, source) / "MLmodel").is_file(), backbone
     assert team_server.sql("select count(*) from model_versions") == [(2,)]
 
+    # Registering into another store rewrites the record; back on the server, `dvc repro`
+    # registers again (reusing the versions) instead of restoring a record from DVC's cache.
+    _run("pneumo", "register", cwd=first, env=tool_env())
+    assert json.loads((first / "reports/registry.json").read_text())["store"] == "embedded"
+    assert "register" in _run("dvc", "status", cwd=first, env=env)
+    again = subprocess.run(
+        ["dvc", "repro"], cwd=first, env=env, capture_output=True, text=True, check=True
+    ).stdout
+    assert "Running stage 'register'" in again and "is cached" not in again
+    rerecorded = json.loads((first / "reports/registry.json").read_text())
+    assert (rerecorded["store"], rerecorded["versions"]) == (team_server.uri, record["versions"])
+    assert team_server.sql("select count(*) from model_versions") == [(2,)]
+
     _run("pneumo", "promote", "--force", cwd=first, env=env)  # tiny models: below the floor
     champion = client.get_model_version_by_alias(NAME, "champion")
     backbone = champion.tags["backbone"]
