@@ -252,3 +252,13 @@ def tool_env(**extra: str) -> dict[str, str]:
     for name in ("DVC_ROOT", "MLFLOW_TRACKING_URI"):
         env.pop(name, None)
     return env | extra
+
+
+def run_tool(*args: str, cwd: Path, status: int = 0, env: dict[str, str] | None = None) -> str:
+    """Run a command (`dvc`, `pneumo`, `git`) in ``cwd`` with :func:`tool_env` (or ``env``);
+    checks its exit status and returns its stdout followed by its stderr."""
+    done = subprocess.run(args, cwd=cwd, env=env or tool_env(), capture_output=True, text=True)
+    assert done.returncode == status, (
+        f"{args} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    )
+    return done.stdout + done.stderr

@@ -9,29 +9,19 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT, tiny_repository, tool_env
+from tests.conftest import REPO_ROOT, run_tool, tiny_repository
 
 BIN = Path(sys.executable).parent
 GIT = ("git", "-c", "user.name=pneumo-tests", "-c", "user.email=tests@pneumo.invalid")
 STORAGE = "pneumo-dvc-storage"  # the default remote's folder, beside the repository
 BACKBONES = ("resnet50", "efficientnet-b0")
 RAW = "data/raw/"  # predictions.csv names images relative to it
-
-
-def _run(*args: str, cwd: Path, status: int = 0) -> str:
-    env = tool_env()
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert done.returncode == status, (
-        f"{args} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
-    )
-    return done.stdout + done.stderr
 
 
 def _default_remote(dvc_dir: Path) -> tuple[str, Path]:
@@ -54,7 +44,7 @@ def test_the_committed_default_remote_is_a_folder_beside_the_repository():
 
 
 def _predict(root: Path, backbone: str, image: str) -> float:
-    output = _run(
+    output = run_tool(
         "pneumo", "predict", "--model", f"models/{backbone}", "--output", "json", image, cwd=root
     )
     rows, _ = json.JSONDecoder().raw_decode(output, output.index("["))  # stdout, then stderr
@@ -76,29 +66,29 @@ def test_push_then_pull_into_a_fresh_clone_leaves_nothing_to_do(tmp_path):
     # The copy's default remote is beside the copy: tests never write the developer's storage.
     name, storage = _default_remote(root / ".dvc")
     assert storage == tmp_path / STORAGE
-    listed = _run("dvc", "remote", "list", cwd=root).split()  # DVC wraps long lines
+    listed = run_tool("dvc", "remote", "list", cwd=root).split()  # DVC wraps long lines
     assert listed == [name, str(storage), "(default)"]
 
     assert tuple(yaml.safe_load((root / "params.yaml").read_text())["backbones"]) == BACKBONES
-    _run("dvc", "repro", cwd=root)
-    _run("git", "add", "-A", cwd=root)
-    _run(*GIT, "commit", "-qm", "results", cwd=root)
-    assert _run("git", "status", "--porcelain", cwd=root) == ""
+    run_tool("dvc", "repro", cwd=root)
+    run_tool("git", "add", "-A", cwd=root)
+    run_tool(*GIT, "commit", "-qm", "results", cwd=root)
+    assert run_tool("git", "status", "--porcelain", cwd=root) == ""
 
     assert not storage.exists()
-    pushed = _run("dvc", "push", cwd=root)
+    pushed = run_tool("dvc", "push", cwd=root)
     assert "files pushed" in pushed, pushed
     assert (storage / "files/md5").is_dir()
-    assert "in sync" in _run("dvc", "status", "--cloud", cwd=root)
+    assert "in sync" in run_tool("dvc", "status", "--cloud", cwd=root)
 
     clone = tmp_path / "clone"
-    _run("git", "clone", "-q", str(root), str(clone), cwd=tmp_path)
+    run_tool("git", "clone", "-q", str(root), str(clone), cwd=tmp_path)
     assert _default_remote(clone / ".dvc")[1] == storage  # the same folder, beside both
     assert not (clone / "models").exists()
-    pulled = _run("dvc", "pull", cwd=clone)
+    pulled = run_tool("dvc", "pull", cwd=clone)
     assert "Everything is up to date" not in pulled, pulled
-    assert "Data and pipelines are up to date." in _run("dvc", "status", cwd=clone)
-    assert _run("git", "status", "--porcelain", cwd=clone) == ""
+    assert "Data and pipelines are up to date." in run_tool("dvc", "status", cwd=clone)
+    assert run_tool("git", "status", "--porcelain", cwd=clone) == ""
 
     image = str(sorted((clone / "data/raw/test/PNEUMONIA").iterdir())[0].relative_to(clone))
     assert (root / image).read_bytes() == (clone / image).read_bytes()
@@ -115,11 +105,11 @@ def test_push_then_pull_into_a_fresh_clone_leaves_nothing_to_do(tmp_path):
     # The clone has the outputs but not the original's tracking store: registering there logs
     # each model in a new run that names its weights, and the registry serves it.
     assert not (clone / "mlflow.db").exists()
-    registered = _run("pneumo", "register", cwd=clone)
+    registered = run_tool("pneumo", "register", cwd=clone)
     assert "is not in this tracking store" in registered and "Traceback" not in registered
-    _run("pneumo", "promote", "--force", cwd=clone)  # tiny models: below the floor
+    run_tool("pneumo", "promote", "--force", cwd=clone)  # tiny models: below the floor
     record = json.loads((clone / "reports/registry.json").read_text())
     [backbone] = [b for b, v in record["versions"].items() if v == record["challenger"]]
-    output = _run("pneumo", "predict", "--output", "json", image, cwd=clone)
+    output = run_tool("pneumo", "predict", "--output", "json", image, cwd=clone)
     rows, _ = json.JSONDecoder().raw_decode(output, output.index("["))
     assert rows[0]["probability"] == pytest.approx(_evaluated_probability(root, backbone, image))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import mlflow
 import pytest
@@ -18,7 +17,7 @@ from pneumo.experiments import (
     render_report,
     set_param_args,
 )
-from tests.conftest import REPO_ROOT, copy_repository, tool_env
+from tests.conftest import REPO_ROOT, copy_repository, run_tool
 
 APPROACHES = REPO_ROOT / "configs/approaches"
 
@@ -122,12 +121,9 @@ def test_two_queued_experiments_in_parallel_lose_no_mlflow_run(tmp_path):
     params["train"]["epochs"] = 1
     params["evaluate"]["bootstrap"]["resamples"] = 50
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = tool_env()
 
     def run(*args: str) -> str:
-        done = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, f"{args}:\n{done.stdout}\n{done.stderr}"
-        return done.stdout + done.stderr
+        return run_tool(*args, cwd=root)
 
     run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "tiny params")
     run("dvc", "repro")

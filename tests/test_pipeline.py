@@ -20,20 +20,11 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import REPO_ROOT, copy_repository, tool_env
+from tests.conftest import REPO_ROOT, copy_repository, run_tool, tool_env
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 BACKBONES = ("densenet121", "resnet50", "efficientnet-b4")
-
-
-def _run(*args: str, cwd: Path, status: int = 0) -> str:
-    env = tool_env()
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert done.returncode == status, (
-        f"{args} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
-    )
-    return done.stdout + done.stderr
 
 
 def _ran_stages(output: str) -> set[str]:
@@ -47,7 +38,7 @@ def repo_copy(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reproduced(repo_copy: Path) -> tuple[Path, str]:
-    return repo_copy, _run("dvc", "repro", cwd=repo_copy)
+    return repo_copy, run_tool("dvc", "repro", cwd=repo_copy)
 
 
 def test_repro_runs_every_stage_and_leaves_nothing_to_do(reproduced):
@@ -64,9 +55,9 @@ def test_repro_runs_every_stage_and_leaves_nothing_to_do(reproduced):
         "compare", "register",
     }  # fmt: skip
     assert (root / "data/processed/report.json").is_file()
-    assert "Data and pipelines are up to date" in _run("dvc", "status", cwd=root)
+    assert "Data and pipelines are up to date" in run_tool("dvc", "status", cwd=root)
     started = time.perf_counter()
-    again = _run("dvc", "repro", cwd=root)
+    again = run_tool("dvc", "repro", cwd=root)
     assert _ran_stages(again) == set()
     assert time.perf_counter() - started < 10
 
@@ -76,7 +67,7 @@ def test_repro_reproduces_the_committed_results(reproduced):
     root, _ = reproduced
     for file in ("reports/comparison.json", "README.md"):
         assert (root / file).read_text() == (REPO_ROOT / file).read_text(), file
-    assert _run("git", "status", "--porcelain", cwd=root) == ""
+    assert run_tool("git", "status", "--porcelain", cwd=root) == ""
 
 
 def test_registry_promote_and_predict(reproduced):
@@ -89,13 +80,13 @@ def test_registry_promote_and_predict(reproduced):
     best = json.loads((root / "reports/comparison.json").read_text())["best"]
     assert challenger.tags["backbone"] == best
     # The sample's best model (validation AUC 0.79 on 54 images) is below the default floor.
-    refused = _run("pneumo", "promote", cwd=root, status=1)
+    refused = run_tool("pneumo", "promote", cwd=root, status=1)
     assert "is below registry.min_val_auc 0.8" in refused and "Traceback" not in refused
-    assert "forced despite" in _run("pneumo", "promote", "--force", cwd=root)
-    history = _run("pneumo", "promote", "--history", cwd=root).strip().splitlines()
+    assert "forced despite" in run_tool("pneumo", "promote", "--force", cwd=root)
+    history = run_tool("pneumo", "promote", "--history", cwd=root).strip().splitlines()
     assert [line.split()[2] for line in history[-2:]] == ["refused", "forced"]
     images = sorted((root / "data/raw/test/PNEUMONIA").iterdir())[:3]
-    output = _run("pneumo", "predict", *map(str, images), cwd=root)
+    output = run_tool("pneumo", "predict", *map(str, images), cwd=root)
     lines = output.strip().splitlines()
     assert lines[-4] == "file,probability,label,error"
     assert all(re.search(r",0\.\d+,(NORMAL|PNEUMONIA),$", line) for line in lines[-3:])
@@ -103,7 +94,7 @@ def test_registry_promote_and_predict(reproduced):
 
 def test_plots_render_offline(reproduced):
     root, _ = reproduced
-    output = _run("pneumo", "plots", "-o", "plots_html", cwd=root)
+    output = run_tool("pneumo", "plots", "-o", "plots_html", cwd=root)
     assert "WARNING" not in output and "ERROR" not in output
     html = (root / "plots_html/index.html").read_text()
     assert not re.search(r"<script[^>]*src=[\"']?(https?:)?//", html)
@@ -118,12 +109,12 @@ def test_plots_render_offline(reproduced):
 
 def test_exp_run_reruns_only_training_and_later(reproduced):
     root, _ = reproduced
-    output = _run("dvc", "exp", "run", "-S", "loss.gamma=2.0", cwd=root)
+    output = run_tool("dvc", "exp", "run", "-S", "loss.gamma=2.0", cwd=root)
     ran = _ran_stages(output)
     later = {f"{stage}@{b}" for stage in ("train", "evaluate") for b in BACKBONES}
     assert ran == {"validate", *later, "compare", "readme", "register"}
     name = re.search(r"Ran experiment\(s\): (\S+)", output)[1]
-    shown = _run("dvc", "exp", "show", "--json", cwd=root)
+    shown = run_tool("dvc", "exp", "show", "--json", cwd=root)
     assert name in shown and "roc_auc" in shown
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     runs = mlflow.search_runs(
@@ -145,7 +136,7 @@ def test_a_bad_value_stops_before_anything_is_removed(reproduced):
     root, _ = reproduced
     params = (root / "params.yaml").read_text()
     before = _snapshot(root)
-    output = _run("dvc", "exp", "run", "-S", "loss.gamma=-1", cwd=root, status=255)
+    output = run_tool("dvc", "exp", "run", "-S", "loss.gamma=-1", cwd=root, status=255)
     assert re.search(r"^\s*loss\.gamma: .*\(got -1\)$", output, re.MULTILINE), output
     assert _ran_stages(output) == {"validate"}
     assert _snapshot(root) == before
@@ -178,7 +169,7 @@ def copied(reproduced, tmp_path_factory) -> Path:
 def test_a_copied_repository_runs_experiments_in_its_own_store(reproduced, copied):
     root, _ = reproduced
     before = _files(root / "mlartifacts")
-    output = _run("dvc", "exp", "run", "-S", "train.epochs=1", cwd=copied)
+    output = run_tool("dvc", "exp", "run", "-S", "train.epochs=1", cwd=copied)
     assert {f"train@{b}" for b in BACKBONES} <= _ran_stages(output)
     assert _files(root / "mlartifacts") == before
     name = re.search(r"Ran experiment\(s\): (\S+)", output)[1]
@@ -220,7 +211,7 @@ def test_a_registration_killed_midway_is_finished_by_the_next_repro(copied):
     repro.wait()
     assert _versions(copied) - before in (1, 2), "the kill came too late or too early"
 
-    output = _run("dvc", "repro", cwd=copied)
+    output = run_tool("dvc", "repro", cwd=copied)
     assert "register" in _ran_stages(output)
     mlflow.set_tracking_uri(f"sqlite:///{copied / 'mlflow.db'}")
     versions = MlflowClient().search_model_versions("name='pneumo-classifier'")
@@ -230,4 +221,4 @@ def test_a_registration_killed_midway_is_finished_by_the_next_repro(copied):
     record = json.loads((copied / "reports/registry.json").read_text())
     assert sorted(record["versions"]) == sorted(BACKBONES)
     assert all(int(v) > before for v in record["versions"].values())
-    assert "Data and pipelines are up to date" in _run("dvc", "status", cwd=copied)
+    assert "Data and pipelines are up to date" in run_tool("dvc", "status", cwd=copied)

@@ -10,16 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import tiny_repository, tool_env
+from tests.conftest import run_tool, tiny_repository, tool_env
 from tests.team_stack import SCRIPT, TeamServer, team_server  # noqa: F401 (fixture)
 
 NAME = "pneumo-classifier"
-
-
-def _run(*args: str, cwd: Path, env: dict[str, str]) -> str:
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, f"{args} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
 
 
 def _on_server(server: TeamServer, uri: str) -> Path:
@@ -81,7 +75,7 @@ def test_a_team_runs_the_pipeline_on_the_server_and_a_second_clone_serves_its_ch
     env = tool_env(MLFLOW_TRACKING_URI=team_server.uri)
     first = tiny_repository(tmp_path / "first")
     started = time.perf_counter()
-    _run("dvc", "repro", cwd=first, env=env)
+    run_tool("dvc", "repro", cwd=first, env=env)
     print(f"dvc repro against the team server: {time.perf_counter() - started:.1f} s")
     assert not (first / "mlflow.db").exists() and not (first / "mlartifacts").exists()
 
@@ -106,29 +100,27 @@ def test_a_team_runs_the_pipeline_on_the_server_and_a_second_clone_serves_its_ch
 
     # Registering into another store rewrites the record; back on the server, `dvc repro`
     # registers again (reusing the versions) instead of restoring a record from DVC's cache.
-    _run("pneumo", "register", cwd=first, env=tool_env())
+    run_tool("pneumo", "register", cwd=first, env=tool_env())
     assert json.loads((first / "reports/registry.json").read_text())["store"] == "embedded"
-    assert "register" in _run("dvc", "status", cwd=first, env=env)
-    again = subprocess.run(
-        ["dvc", "repro"], cwd=first, env=env, capture_output=True, text=True, check=True
-    ).stdout
+    assert "register" in run_tool("dvc", "status", cwd=first, env=env)
+    again = run_tool("dvc", "repro", cwd=first, env=env)
     assert "Running stage 'register'" in again and "is cached" not in again
     rerecorded = json.loads((first / "reports/registry.json").read_text())
     assert (rerecorded["store"], rerecorded["versions"]) == (team_server.uri, record["versions"])
     assert team_server.sql("select count(*) from model_versions") == [(2,)]
 
-    _run("pneumo", "promote", "--force", cwd=first, env=env)  # tiny models: below the floor
+    run_tool("pneumo", "promote", "--force", cwd=first, env=env)  # tiny models: below the floor
     champion = client.get_model_version_by_alias(NAME, "champion")
     backbone = champion.tags["backbone"]
     expected = pd.read_csv(first / f"reports/eval/{backbone}/predictions.csv").iloc[0]
     image = first / "data/raw" / expected["image"]
 
     second = tmp_path / "second"
-    _run("git", "clone", "-q", str(first), str(second), cwd=tmp_path, env=env)
-    output = _run(
+    run_tool("git", "clone", "-q", str(first), str(second), cwd=tmp_path, env=env)
+    output = run_tool(
         "pneumo", "predict", "--model", f"models:/{NAME}@champion", "--output", "json",
         str(image), cwd=second, env=env,
     )  # fmt: skip
-    [row] = json.loads(output)
+    [row], _ = json.JSONDecoder().raw_decode(output, output.index("["))  # stdout, then stderr
     assert row["probability"] == pytest.approx(expected["probability"], abs=1e-6)
     assert not (second / "mlflow.db").exists() and not (second / "data").exists()
