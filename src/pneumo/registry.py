@@ -166,7 +166,7 @@ def register(params: Params, backbone: str, model_dir: Path, evaluation: Evaluat
                 )
         log.info("%s is already %s version %s: reused", backbone, name, existing.version)
         return str(existing.version)
-    run_id = _logging_run(params, backbone, model_dir, evaluation)
+    run_id = _logging_run(params, backbone, model_dir, evaluation.data_hash, weights_sha256)
     with tempfile.TemporaryDirectory() as tmp:
         # Model.log with run_id, as mlflow.pyfunc.log_model does with the active run: the
         # training run is not started again, so a failure here leaves it FINISHED.
@@ -200,7 +200,9 @@ def _version_with_key(client: MlflowClient, name: str, key: str) -> ModelVersion
     return min(same, key=lambda v: int(v.version), default=None)
 
 
-def _logging_run(params: Params, backbone: str, model_dir: Path, evaluation: Evaluation) -> str:
+def _logging_run(
+    params: Params, backbone: str, model_dir: Path, data_hash: str, weights_sha256: str
+) -> str:
     """The run to log the model into: its training run, or, when this store does not hold
     it (a clone with pulled outputs, another tracking server), a new run that says which
     checkpoint it registers."""
@@ -209,9 +211,9 @@ def _logging_run(params: Params, backbone: str, model_dir: Path, evaluation: Eva
     run_id = tracking.find_run(params.tracking, recorded)
     if run_id is not None:
         return run_id
-    tags = tracking.context_tags(f"register@{backbone}", evaluation.data_hash) | {
+    tags = tracking.context_tags(f"register@{backbone}", data_hash) | {
         "backbone": backbone,
-        "weights_sha256": Classifier.load(model_dir).settings.weights_sha256,
+        "weights_sha256": weights_sha256,
         "trained_in_run": recorded or "unknown (not recorded in this clone)",
     }
     run_name = f"{tracking.experiment_name()}-{backbone}-registration"
