@@ -9,6 +9,11 @@
    ``final`` recipe (GPU batch augmentation, AMP, channels_last); reports training images/s
    and the share of each epoch spent waiting for data over epochs 2-3, with the GPU's
    utilisation sampled through NVML meanwhile.
+   Before that, a breakdown of ResNet50's step on batches already on the GPU (no loader):
+   the bare ``model(x); loss.backward(); opt.step()`` with AdamW foreach and fused, fp16 and
+   bf16, with and without the batch augmentation in front, the augmentation alone; the
+   host-synchronising calls of one step (``torch.cuda.set_sync_debug_mode``) and a profiler
+   table (``<out>/step_profile.txt``).
 3. Comparison: every backbone trained from random init with the ``final`` recipe, as many
    epochs as ``--budget`` seconds allow at the measured speed, then evaluated with TTA and
    the threshold chosen on the validation split (the ``evaluate`` stage's own ``assess``).
@@ -20,6 +25,7 @@ measured. ``--device cpu --size 32 --quick`` runs the same code on the CPU as a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -62,6 +68,145 @@ class UtilisationSampler:
         self._thread.join()
 
 
+def _timed_steps(step, steps: int, warmup: int) -> float:
+    """Seconds per step, host clock around ``steps`` calls after ``warmup`` untimed ones."""
+    import torch
+
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    for _ in range(warmup):
+        step()
+    synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize()
+    return (time.perf_counter() - started) / steps
+
+
+def step_breakdown(raw: dict, device, size: int, batch_size: int, sampler, out: Path,
+                   steps: int = 25, deadline: float = float("inf")) -> list[dict]:  # fmt: skip
+    """ResNet50 training steps on uint8 batches already on the GPU: where a step's time goes."""
+    import warnings
+
+    import torch
+
+    from pneumo.config import parse_params
+    from pneumo.data import batch_augmentation
+    from pneumo.losses import build_loss
+    from pneumo.models import build_model
+    from pneumo.train import Precision, use_deterministic_kernels
+
+    params = parse_params(raw)
+    use_deterministic_kernels(False)
+    net = build_model("resnet50", dropout=params.model.dropout).to(device)
+    net = net.to(memory_format=torch.channels_last)
+    augment = batch_augmentation(params.augment, size=size).to(device)
+    loss_fn = build_loss(params.loss, 1, 3).to(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def batch(n: int) -> tuple:
+        pixels = torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, device=device,
+                               generator=generator)  # fmt: skip
+        targets = (torch.rand(n, device=device, generator=generator) < 0.75).float()
+        return pixels.contiguous(memory_format=torch.channels_last), targets
+
+    def make_step(amp: str, fused: bool, augmented: bool, n: int):
+        precision = Precision({"fp16": torch.float16, "bf16": torch.bfloat16}[amp], True)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=fused)
+        scaler = precision.grad_scaler()
+        pixels, targets = batch(n)
+
+        def step() -> None:
+            x = augment(pixels) if augmented else pixels
+            with precision.autocast(device):
+                loss = loss_fn(net(x).float(), targets)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+
+        return step
+
+    net.train()
+    variants = [
+        ("bare", "fp16", False, False, batch_size),
+        ("bare", "fp16", True, False, batch_size),
+        ("bare", "bf16", False, False, batch_size),
+        ("bare", "bf16", True, False, batch_size),
+        ("augmented", "fp16", True, True, batch_size),
+        ("augmented", "bf16", True, True, batch_size),
+        ("bare", "bf16", True, False, 2 * batch_size),
+        ("augmented", "bf16", True, True, 2 * batch_size),
+    ]
+    rows = []
+    for what, amp, fused, augmented, n in variants:
+        if time.perf_counter() > deadline:
+            break
+        step = make_step(amp, fused, augmented, n)
+        window = time.perf_counter()
+        seconds = _timed_steps(step, steps, warmup=8)
+        rows.append({
+            "what": what, "amp": amp, "optimizer": "fused" if fused else "foreach",
+            "batch_size": n, "ms_per_step": round(1000 * seconds, 2),
+            "images_per_second": round(n / seconds, 1),
+            "gpu_utilisation_percent": sampler.mean_between(window, time.perf_counter())
+            if sampler else None,
+        })  # fmt: skip
+        print("breakdown", json.dumps(rows[-1]), flush=True)
+
+    pixels, _ = batch(batch_size)
+    seconds = _timed_steps(lambda: augment(pixels), steps, warmup=3)
+    rows.append({"what": "augmentation alone", "batch_size": batch_size,
+                 "ms_per_step": round(1000 * seconds, 2),
+                 "images_per_second": round(batch_size / seconds, 1)})  # fmt: skip
+    print("breakdown", json.dumps(rows[-1]), flush=True)
+
+    if device.type != "cuda":  # the CPU smoke test stops here
+        return rows
+    # Which calls make the host wait for the GPU (each one empties the launch queue).
+    for label, step in (
+        ("fp16 foreach + GradScaler, augmented", make_step("fp16", False, True, batch_size)),
+        ("bf16 fused, augmented", make_step("bf16", True, True, batch_size)),
+    ):
+        step()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        sites: dict[str, int] = {}
+        for warning in caught:
+            site = f"{warning.filename}:{warning.lineno}"
+            sites[site] = sites.get(site, 0) + 1
+        rows.append({"what": f"synchronising calls in one step: {label}",
+                     "count": len(caught), "sites": sites})  # fmt: skip
+        print("breakdown", json.dumps(rows[-1]), flush=True)
+
+    step = make_step("bf16", True, True, batch_size)
+    step()
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    ) as profile:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    averages = profile.key_averages()
+    (out / "step_profile.txt").write_text(
+        "3 steps: ResNet50, bf16, fused AdamW, batch augmentation\n\n"
+        + averages.table(sort_by="self_cpu_time_total", row_limit=40)
+        + "\n\n"
+        + averages.table(sort_by="self_device_time_total", row_limit=40)
+    )
+    return rows
+
+
 def recipe(archive: Path, size: int, device: str) -> dict:
     """params.yaml of the `final` recipe with the validation-chosen threshold, on the archive."""
     from pneumo.config import Params
@@ -87,7 +232,20 @@ def with_train(raw: dict, **train) -> dict:
     return raw | {"train": raw["train"] | train}
 
 
-def throughput(raw, root, device, backbone, sampler, **train) -> dict:
+@contextlib.contextmanager
+def adamw_fused(fused: bool):
+    """Make ``fit``'s AdamW fused or not, to measure the loop before and after fusing."""
+    import torch
+
+    original, chosen = torch.optim.AdamW, fused
+    torch.optim.AdamW = lambda *args, fused=None, **kwargs: original(*args, fused=chosen, **kwargs)
+    try:
+        yield
+    finally:
+        torch.optim.AdamW = original
+
+
+def throughput(raw, root, device, backbone, sampler, optimizer="fused", **train) -> dict:
     """Epochs 2-3 of a 3-epoch fit: images/s, data-wait share, GPU utilisation."""
     from pneumo.config import parse_params
     from pneumo.train import fit
@@ -95,17 +253,21 @@ def throughput(raw, root, device, backbone, sampler, **train) -> dict:
     params = parse_params(with_train(raw, epochs=3, patience=99, **train))
     ends: list[float] = []
     started = time.perf_counter()
-    result = fit(params, backbone, root / "data/processed", device,
-                 on_epoch=lambda _: ends.append(time.perf_counter()))  # fmt: skip
+    with adamw_fused(optimizer == "fused"):
+        result = fit(params, backbone, root / "data/processed", device,
+                     on_epoch=lambda _: ends.append(time.perf_counter()))  # fmt: skip
     measured = result.history[1:]
     return {
         "backbone": backbone,
         **train,
+        "optimizer": optimizer,
         "batch_size": params.train.batch_size,
         "images_per_second": round(sum(h["images_per_second"] for h in measured) / 2, 1),
         "data_wait_fraction": round(sum(h["data_wait_fraction"] for h in measured) / 2, 4),
         "first_epoch_images_per_second": round(result.history[0]["images_per_second"], 1),
         "gpu_utilisation_percent": sampler.mean_between(ends[0], ends[-1]) if sampler else None,
+        # a whole epoch, validation included: what sizes the comparison's epochs
+        "epoch_seconds": round((ends[-1] - ends[0]) / 2, 2),
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -143,22 +305,29 @@ def comparison(raw, root, device, backbone, epochs: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("archive", type=Path)
+    parser.add_argument("archive", type=Path, nargs="?", help="not needed for breakdown only")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=256, help="throughput runs")
-    parser.add_argument("--compare-batch-size", type=int, default=64)
-    parser.add_argument("--budget", type=float, default=240.0, help="seconds for step 3")
+    parser.add_argument("--compare-batch-size", type=int, default=256)
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=540.0,
+        help="seconds from the start: no new measurement begins after it",
+    )
     parser.add_argument("--workers", type=int, default=8, help="preprocess processes")
-    parser.add_argument("--quick", action="store_true", help="fewer configurations")
-    parser.add_argument("--skip-throughput", action="store_true")
-    parser.add_argument("--epochs", type=int, help="fixed epochs for step 3 (else by budget)")
+    parser.add_argument("--sections", nargs="+", default=["breakdown", "throughput", "comparison"],
+                        choices=["breakdown", "throughput", "comparison"])  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="fewer configurations, smoke test")
+    parser.add_argument("--epochs", type=int, help="fixed epochs for the comparison")
     args = parser.parse_args()
+    deadline = time.perf_counter() + args.deadline
 
     import torch
 
-    from pneumo.train import resolve_device
+    from pneumo.devices import resolve_device
 
     device = resolve_device(args.device)
     results: dict = {
@@ -167,6 +336,7 @@ def main() -> None:
         "cuda": torch.version.cuda,
         "cpu_count": __import__("os").cpu_count(),
         "size": args.size,
+        "breakdown": [],
         "throughput": [],
         "comparison": [],
         "errors": [],
@@ -188,47 +358,78 @@ def main() -> None:
             save()
 
     sampler = UtilisationSampler(device.index or 0) if device.type == "cuda" else None
-    raw = recipe(args.archive, args.size, str(device))
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        results["preprocess_seconds"] = round(build_cache(raw, root, args.workers), 1)
-        report = json.loads((root / "data/processed/report.json").read_text())
-        results["counts"] = report["counts"]
-        print("cache:", report["counts"], flush=True)
+    raw = recipe(args.archive or Path("unused.zip"), args.size, str(device))
+    if "breakdown" in args.sections:
+        rows = attempt("breakdown", lambda: step_breakdown(
+            raw, device, args.size, args.batch_size, sampler, args.out,
+            steps=3 if args.quick else 25, deadline=deadline,
+        ))  # fmt: skip
+        results["breakdown"] = rows or []
+    if {"throughput", "comparison"} & set(args.sections):
+        with tempfile.TemporaryDirectory() as tmp:
+            measure_training(args, raw, Path(tmp), device, sampler, results, attempt, deadline)
+    if sampler:
+        sampler.close()
+    save()
+    print(json.dumps({k: v for k, v in results.items() if k != "comparison"}, indent=1))
 
-        configs = [(b, {"amp": amp}) for b in BACKBONES for amp in ("fp16", "bf16")]
-        configs += [
-            ("resnet50", {"amp": "bf16", "compile": True}),
-            ("resnet50", {"amp": "bf16", "deterministic": True}),
-        ]
-        if args.quick:
-            configs = configs[2:4]
-        if args.skip_throughput:
-            configs = []
-        for backbone, train in configs:
-            row = attempt(
-                f"throughput {backbone} {train}",
-                lambda b=backbone, t=train: throughput(
-                    raw, root, device, b, sampler, batch_size=args.batch_size, **t
-                ),
-            )
-            if row:
-                results["throughput"].append(row)
-                print("throughput", json.dumps(row), flush=True)
 
-        n_train = sum(report["counts"]["train"].values())
-        speed = {
-            r["backbone"]: r["images_per_second"]
+def measure_training(args, raw, root, device, sampler, results, attempt, deadline) -> None:
+    """Throughput rows (ResNet50 first, then the other backbones in bf16), the comparison on
+    what time is left, and the remaining throughput rows if time still allows."""
+    results["preprocess_seconds"] = round(build_cache(raw, root, args.workers), 1)
+    report = json.loads((root / "data/processed/report.json").read_text())
+    results["counts"] = report["counts"]
+    print("cache:", report["counts"], flush=True)
+
+    def measure(backbone: str, train: dict) -> None:
+        if time.perf_counter() > deadline:
+            return
+        row = attempt(
+            f"throughput {backbone} {train}",
+            lambda: throughput(
+                raw, root, device, backbone, sampler, batch_size=args.batch_size, **train
+            ),
+        )
+        if row:
+            results["throughput"].append(row)
+            print("throughput", json.dumps(row), flush=True)
+
+    first = [
+        ("resnet50", {"amp": "fp16", "optimizer": "foreach"}),  # the loop before fusing
+        ("resnet50", {"amp": "fp16"}),
+        ("resnet50", {"amp": "bf16"}),
+        ("resnet50", {"amp": "bf16", "deterministic": True}),
+        ("densenet121", {"amp": "bf16"}),
+        ("efficientnet-b4", {"amp": "bf16"}),
+    ]
+    later = [
+        ("densenet121", {"amp": "fp16"}),
+        ("efficientnet-b4", {"amp": "fp16"}),
+        ("resnet50", {"amp": "bf16", "compile": True}),
+    ]
+    if args.quick:
+        first, later = first[1:2], []
+    if "throughput" in args.sections:
+        for backbone, train in first:
+            measure(backbone, train)
+
+    if "comparison" in args.sections:
+        # Same batch and kernels as the bf16 throughput rows, so cuDNN's autotuning of their
+        # shapes is reused; epochs sized from their measured epoch time (validation included).
+        epoch_seconds = {
+            r["backbone"]: r["epoch_seconds"]
             for r in results["throughput"]
-            if r["amp"] == "bf16" and not r.get("compile") and not r.get("deterministic")
+            if r["amp"] == "bf16"
+            and r["optimizer"] == "fused"
+            and not r.get("deterministic")
+            and not r.get("compile")
         }
-        compare_raw = with_train(raw, batch_size=args.compare_batch_size, deterministic=True)
-        for backbone in BACKBONES:
-            # Smaller batches than the throughput runs, validation every epoch: assume half
-            # the measured speed when sizing the epochs to the remaining budget.
-            share = args.budget / len(BACKBONES)
-            epoch_seconds = n_train / (0.5 * speed.get(backbone, 100.0)) + 1.0
-            epochs = args.epochs or int(max(2, min(40, share // epoch_seconds)))
+        compare_raw = with_train(raw, batch_size=args.compare_batch_size)
+        for done, backbone in enumerate(BACKBONES):
+            share = (deadline - time.perf_counter() - 20.0) / (len(BACKBONES) - done)
+            # cosine schedule: the epoch count must be known before the first epoch
+            epochs = args.epochs or int(max(2, min(40, share // epoch_seconds.get(backbone, 30))))
             row = attempt(
                 f"comparison {backbone}",
                 lambda b=backbone, e=epochs: comparison(compare_raw, root, device, b, e),
@@ -242,10 +443,9 @@ def main() -> None:
                     f"acc {test['accuracy']['value']:.4f} at threshold {row['threshold']}",
                     flush=True,
                 )
-    if sampler:
-        sampler.close()
-    save()
-    print(json.dumps({k: v for k, v in results.items() if k != "comparison"}, indent=1))
+    if "throughput" in args.sections:
+        for backbone, train in later:
+            measure(backbone, train)
 
 
 if __name__ == "__main__":
