@@ -54,11 +54,11 @@ def best_of(repeats: int, call) -> float:
 
 def augmentation(size: int, batch: int, repeats: int) -> dict:
     from pneumo.config import AugmentConfig
-    from pneumo.data import batch_augmentation
+    from pneumo.data import BatchAugmentation
 
     augment = AugmentConfig(**yaml.safe_load(FINAL.read_text())["augment"])
     pixels = torch.randint(0, 256, (batch, 1, size, size), dtype=torch.uint8)
-    per_sample, batched = per_sample_v2(augment, size), batch_augmentation(augment, size=size)
+    per_sample, batched = per_sample_v2(augment, size), BatchAugmentation(augment)
     batched(pixels)  # warm-up
     v2_seconds = best_of(repeats, lambda: [per_sample(image) for image in pixels])
     kornia_seconds = best_of(repeats, lambda: batched(pixels))

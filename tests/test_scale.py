@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from pneumo.config import AugmentConfig, parse_params
-from pneumo.data import BalancedSampler, batch_augmentation, train_sampler
+from pneumo.data import BalancedSampler, BatchAugmentation, affine_theta, train_sampler
 from pneumo.preprocess import write_array
 from tests.conftest import (
     TINY_PARAMS,
@@ -79,7 +79,7 @@ def _gradient_batch(n: int, size: int = 32) -> torch.Tensor:
 
 def test_batch_augmentation_draws_its_parameters_per_sample():
     torch.manual_seed(0)
-    out = batch_augmentation(RECIPE, size=32)(_gradient_batch(16))
+    out = BatchAugmentation(RECIPE)(_gradient_batch(16))
     assert out.shape == (16, 1, 32, 32) and out.dtype == torch.float32
     assert out.min() >= 0.0 and out.max() <= 255.0
     flat = out.flatten(1)
@@ -89,7 +89,7 @@ def test_batch_augmentation_draws_its_parameters_per_sample():
 
 def test_batch_augmentation_repeats_with_the_seed_and_is_off_when_switched_off():
     batch = _gradient_batch(8)
-    augment = batch_augmentation(RECIPE, size=32)
+    augment = BatchAugmentation(RECIPE)
     torch.manual_seed(1)
     first = augment(batch)
     torch.manual_seed(1)
@@ -97,7 +97,7 @@ def test_batch_augmentation_repeats_with_the_seed_and_is_off_when_switched_off()
     off = AugmentConfig(
         rotation=0, hflip=False, translate=0, brightness=0, contrast=0, crop_scale=1.0
     )
-    assert torch.equal(batch_augmentation(off, size=32)(batch), batch)
+    assert torch.equal(BatchAugmentation(off)(batch), batch)
 
 
 def test_each_augmentation_has_the_recipe_semantics_per_sample():
@@ -105,14 +105,52 @@ def test_each_augmentation_has_the_recipe_semantics_per_sample():
     torch.manual_seed(2)
     flip = AugmentConfig(rotation=0, hflip=True, translate=0, brightness=0, contrast=0,
                          crop_scale=1.0)  # fmt: skip
-    flipped = batch_augmentation(flip, size=32)(batch)
+    flipped = BatchAugmentation(flip)(batch)
     mirrored = (flipped[:, 0, 0, 0] > flipped[:, 0, 0, -1]).float().mean()
     assert 0.35 < mirrored < 0.65  # p = 0.5, drawn per image
     bright = AugmentConfig(rotation=0, hflip=False, translate=0, brightness=0.2, contrast=0,
                            crop_scale=1.0)  # fmt: skip
-    ratio = batch_augmentation(bright, size=32)(batch).mean((1, 2, 3)) / batch.float().mean()
+    ratio = BatchAugmentation(bright)(batch).mean((1, 2, 3)) / batch.float().mean()
     assert ratio.min() > 0.79 and ratio.max() < 1.21  # factor in [0.8, 1.2] ...
     assert ratio.std() > 0.05  # ... drawn for each image, not once per batch
+
+
+def _maps(theta: torch.Tensor, points: list[tuple[float, float]]) -> torch.Tensor:
+    homogeneous = torch.tensor([[x, y, 1.0] for x, y in points]).T
+    return (theta[0] @ homogeneous).T
+
+
+def test_affine_theta_composes_crop_flip_rotation_and_shift_in_the_recipe_order():
+    one, zero = torch.ones(1), torch.zeros(1)
+    full = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    assert torch.allclose(affine_theta(full, one, zero, torch.zeros(1, 2))[0], torch.eye(3)[:2])
+    # a shift moves the content by +d: output p samples the input at p - d
+    shifted = affine_theta(full, one, zero, torch.tensor([[0.2, -0.4]]))
+    assert torch.allclose(_maps(shifted, [(0.0, 0.0)]), torch.tensor([[-0.2, 0.4]]))
+    # a quarter turn is a rotation: lengths kept, axes swapped
+    turned = _maps(affine_theta(full, one, torch.tensor([torch.pi / 2]), torch.zeros(1, 2)),
+                   [(1.0, 0.0)])  # fmt: skip
+    assert torch.allclose(turned.abs(), torch.tensor([[0.0, 1.0]]), atol=1e-6)
+    # the crop comes first: after a flip the output's left edge shows the box's right edge
+    box = torch.tensor([[0.3, -0.2, 0.5, 0.25]])  # centre (0.3, -0.2), half-sizes 0.5 x 0.25
+    corners = _maps(affine_theta(box, one, zero, torch.zeros(1, 2)), [(-1, -1), (1, 1)])
+    assert torch.allclose(corners, torch.tensor([[-0.2, -0.45], [0.8, 0.05]]))
+    mirrored = _maps(affine_theta(box, -one, zero, torch.zeros(1, 2)), [(-1.0, -1.0)])
+    assert torch.allclose(mirrored, torch.tensor([[0.8, -0.45]]))
+
+
+def test_the_crop_box_stays_inside_the_image_with_the_recipe_area():
+    torch.manual_seed(3)
+    crop = AugmentConfig(rotation=0, hflip=False, translate=0, brightness=0, contrast=0,
+                         crop_scale=0.5)  # fmt: skip
+    theta = BatchAugmentation(crop).draw(4096)[:, :6].view(-1, 2, 3)
+    half_w, half_h = theta[:, 0, 0], theta[:, 1, 1]
+    assert (theta[:, 0, 2].abs() + half_w <= 1 + 1e-6).all()  # box inside: |centre| + half <= 1
+    assert (theta[:, 1, 2].abs() + half_h <= 1 + 1e-6).all()
+    area = half_w * half_h
+    assert area.min() >= 0.5 - 1e-6 and area.max() <= 1.0 + 1e-6
+    ratio = half_w / half_h  # within 3/4..4/3 unless clamped at the border
+    assert ratio.min() > 0.74 and ratio.max() < 1.34
 
 
 def test_balanced_sampler_shards_one_draw_between_processes():

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from pneumo import paths
@@ -75,7 +76,7 @@ class ArrayDataset(Dataset):
     """Yields ``(uint8 tensor (1, H, W), float target)``: pixels exactly as cached.
 
     Augmentation is not done here, per sample in loader workers, but on whole batches where
-    the model runs (``batch_augmentation``), so the workers only copy rows.
+    the model runs (``BatchAugmentation``), so the workers only copy rows.
     """
 
     def __init__(self, split: CachedSplit) -> None:
@@ -89,44 +90,99 @@ class ArrayDataset(Dataset):
         return torch.from_numpy(np.array(self.images[index][None])), self.targets[index]
 
 
+def affine_theta(
+    crop: torch.Tensor, flip: torch.Tensor, angle: torch.Tensor, shift: torch.Tensor
+) -> torch.Tensor:
+    """``(N, 2, 3)`` maps for ``F.affine_grid``: a crop, then a flip, a rotation and a shift.
+
+    In normalised coordinates (-1..1 across a square image). ``crop`` is ``(N, 4)``: the
+    box's centre x, y and half-sizes w, h; ``flip`` is -1 (mirror) or 1; ``angle`` is in
+    radians; ``shift`` is ``(N, 2)``. The map sends each output pixel to where it samples the
+    input: the inverses of the transforms, the last one first.
+    """
+    n = len(angle)
+    box, mirror, turn, move = (torch.eye(3).repeat(n, 1, 1) for _ in range(4))
+    box[:, 0, 0], box[:, 1, 1] = crop[:, 2], crop[:, 3]
+    box[:, :2, 2] = crop[:, :2]
+    mirror[:, 0, 0] = flip
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    turn[:, 0, 0], turn[:, 0, 1], turn[:, 1, 0], turn[:, 1, 1] = cos, sin, -sin, cos
+    move[:, :2, 2] = -shift
+    return (box @ mirror @ turn @ move)[:, :2]
+
+
 class BatchAugmentation(nn.Module):
     """The recipe's training augmentations on a uint8 ``(N, 1, H, W)`` batch, per sample random.
 
-    kornia draws every transform's parameters per sample and applies them to the whole batch
-    on the batch's own device, so the GPU augments a batch that was moved once as uint8 (see
-    docs/benchmarks.md for the measured speed against torchvision's per-sample transforms).
-    Returns floats on the cache's 0..255 scale, which the models take as they are.
+    Every sample's parameters are drawn on the CPU from torch's global generator (so
+    ``seed_epoch`` fixes them, whatever the device) and go to the batch's device in one
+    non-blocking copy; crop, flip, rotation and shift make one affine map, so the batch is
+    resampled once, not once per transform. The host never waits for the GPU: kornia's random
+    transforms, used before, made it wait 11 times per batch (docs/benchmarks.md).
+
+    Semantics: the crop is ``RandomResizedCrop``'s (area ``crop_scale``..1, aspect ratio
+    3/4..4/3, the box inside the image), the flip has p = 0.5, rotation and shift are uniform
+    in ±``rotation`` degrees and ±``translate`` of the side, then torchvision ``ColorJitter``'s
+    brightness and contrast factors (in that order) and a Gaussian blur with sigma
+    0.1..``blur_sigma``. Returns floats on the cache's 0..255 scale, which the models take as
+    they are.
     """
 
-    def __init__(self, steps: list[nn.Module]) -> None:
+    def __init__(self, config: AugmentConfig) -> None:
         super().__init__()
-        self.steps = nn.Sequential(*steps)
+        self.config = config
+        self.geometric = (
+            config.crop_scale < 1.0 or config.hflip or config.rotation > 0 or config.translate > 0
+        )
+        self.active = (
+            self.geometric or config.brightness > 0 or config.contrast > 0 or config.blur_sigma > 0
+        )
+
+    def draw(self, n: int) -> torch.Tensor:
+        """``(N, 9)`` per sample: the affine map's six entries, brightness, contrast, sigma."""
+        c = self.config
+        u = torch.rand(n, 11)
+
+        def spread(column: int, low: float, high: float) -> torch.Tensor:
+            return low + (high - low) * u[:, column]
+
+        area = spread(0, c.crop_scale, 1.0)
+        ratio = torch.exp(spread(1, np.log(3 / 4), np.log(4 / 3))) if c.crop_scale < 1 else 1.0
+        half_w, half_h = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)
+        centre = (1 - torch.stack([half_w, half_h], 1)) * (2 * u[:, 2:4] - 1)
+        flip = torch.where((u[:, 4] < 0.5) & c.hflip, -1.0, 1.0)
+        angle = spread(5, -c.rotation, c.rotation).deg2rad()
+        shift = (2 * u[:, 6:8] - 1) * 2 * c.translate  # the side spans 2 units
+        theta = affine_theta(torch.column_stack([centre, half_w, half_h]), flip, angle, shift)
+        brightness = spread(8, 1 - c.brightness, 1 + c.brightness)
+        contrast = spread(9, 1 - c.contrast, 1 + c.contrast)
+        sigma = spread(10, 0.1, max(c.blur_sigma, 0.1))
+        return torch.column_stack([theta.flatten(1), brightness, contrast, sigma])
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        if not len(self.steps):
+        if not self.active:
             return pixels
-        return self.steps(pixels.float() / 255.0).clamp_(0.0, 1.0) * 255.0
+        n, c = len(pixels), self.config
+        params = self.draw(n)
+        if pixels.is_cuda:
+            params = params.pin_memory()
+        params = params.to(pixels.device, non_blocking=True)
+        x = pixels.float() / 255.0
+        if self.geometric:
+            grid = F.affine_grid(params[:, :6].view(n, 2, 3), list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        factor = params[:, 6:8].view(n, 2, 1, 1, 1)
+        if c.brightness > 0:
+            x = (x * factor[:, 0]).clamp_(0.0, 1.0)
+        if c.contrast > 0:
+            mean = x.mean((1, 2, 3), keepdim=True)
+            x = ((x - mean) * factor[:, 1] + mean).clamp_(0.0, 1.0)
+        if c.blur_sigma > 0:
+            from kornia.filters import gaussian_blur2d
 
-
-def batch_augmentation(augment: AugmentConfig, *, size: int) -> BatchAugmentation:
-    """The augmentations switched on in params.yaml, in the recipe's order."""
-    import kornia.augmentation as K
-
-    steps: list[nn.Module] = []
-    if augment.crop_scale < 1.0:
-        steps.append(K.RandomResizedCrop((size, size), scale=(augment.crop_scale, 1.0), p=1.0))
-    if augment.hflip:
-        steps.append(K.RandomHorizontalFlip(p=0.5))
-    if augment.rotation > 0:
-        steps.append(K.RandomRotation(augment.rotation, p=1.0))
-    if augment.translate > 0:
-        steps.append(K.RandomAffine(degrees=0.0, translate=(augment.translate,) * 2, p=1.0))
-    if augment.brightness > 0 or augment.contrast > 0:
-        steps.append(K.ColorJitter(brightness=augment.brightness, contrast=augment.contrast, p=1.0))
-    if augment.blur_sigma > 0:
-        kernel = 2 * int(np.ceil(2 * augment.blur_sigma)) + 1
-        steps.append(K.RandomGaussianBlur((kernel, kernel), sigma=(0.1, augment.blur_sigma), p=1.0))
-    return BatchAugmentation(steps)
+            kernel = 2 * int(np.ceil(2 * c.blur_sigma)) + 1
+            x = gaussian_blur2d(x, (kernel, kernel), params[:, 8:9].expand(n, 2))
+        return x.clamp_(0.0, 1.0) * 255.0
 
 
 class BalancedSampler(Sampler[int]):

@@ -32,7 +32,6 @@ from pneumo.data import (
     ArrayDataset,
     BatchAugmentation,
     CachedSplit,
-    batch_augmentation,
     cache_fingerprint,
     make_loader,
     resolve_num_workers,
@@ -247,7 +246,6 @@ def fit(
     use_deterministic_kernels(cfg.deterministic)
     train_split = CachedSplit.load(cache_dir, "train")
     val_split = CachedSplit.load(cache_dir, "val")
-    size = train_split.images.shape[-1]
     workers = resolve_num_workers(cfg.num_workers, device, world.size)
     pin = device.type == "cuda"
     sampler = train_sampler(
@@ -275,7 +273,7 @@ def fit(
     net = net.to(device)
     if precision.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    augment = batch_augmentation(params.augment, size=size).to(device)
+    augment = BatchAugmentation(params.augment).to(device)
     loss_fn = build_loss(params.loss, *train_split.class_counts()).to(device)
     # Fused AdamW on CUDA: one kernel for all parameters, and with GradScaler it checks for
     # inf gradients on the device instead of synchronising the host every step.
