@@ -5,8 +5,12 @@ Not a test. Usage:
     python scripts/benchmark_training.py --size 224
 
 1. Augmentation of the `final` recipe (configs/approaches/final.yaml) at ``--size`` px on one
-   thread: torchvision v2 transforms applied per sample (what loader workers would run)
-   against pneumo's batch augmentation (kornia, per-sample parameters, one call per batch).
+   thread: torchvision v2 transforms applied per sample (what loader workers would run),
+   kornia's random transforms on the batch (pneumo's augmentation until 2026-11-28) and
+   pneumo's batch augmentation (per-sample parameters, one affine resampling per batch).
+3. Loader hand-off: the main process's time in ``next(loader)`` when the loader processes are
+   ahead of it (a sleep stands in for the GPU's step), for batches of ``--handoff-batch``
+   uint8 images at ``--size`` px from a memory-mapped array, as ``fit`` reads the cache.
 2. Loop overhead: pneumo's ``train_one_epoch`` against a bare
    ``model(x); loss.backward(); opt.step()`` loop over the same tensors (ResNet50, no
    augmentation), as a ratio of wall times; the loop's loader reads an in-memory cache.
@@ -43,6 +47,19 @@ def per_sample_v2(augment, size: int) -> v2.Compose:
     return v2.Compose(steps)
 
 
+def kornia_sequence(augment, size: int) -> torch.nn.Sequential:
+    """The same recipe with kornia's random transforms on a batch, for comparison only."""
+    import kornia.augmentation as K
+
+    return torch.nn.Sequential(
+        K.RandomResizedCrop((size, size), scale=(augment.crop_scale, 1.0)),
+        K.RandomHorizontalFlip(),
+        K.RandomRotation(augment.rotation, p=1.0),
+        K.RandomAffine(degrees=0.0, translate=(augment.translate,) * 2, p=1.0),
+        K.ColorJitter(brightness=augment.brightness, contrast=augment.contrast, p=1.0),
+    )
+
+
 def best_of(repeats: int, call) -> float:
     times = []
     for _ in range(repeats):
@@ -59,15 +76,18 @@ def augmentation(size: int, batch: int, repeats: int) -> dict:
     augment = AugmentConfig(**yaml.safe_load(FINAL.read_text())["augment"])
     pixels = torch.randint(0, 256, (batch, 1, size, size), dtype=torch.uint8)
     per_sample, batched = per_sample_v2(augment, size), BatchAugmentation(augment)
-    batched(pixels)  # warm-up
+    kornia = kornia_sequence(augment, size)
+    batched(pixels), kornia(pixels.float() / 255)  # warm-up
     v2_seconds = best_of(repeats, lambda: [per_sample(image) for image in pixels])
-    kornia_seconds = best_of(repeats, lambda: batched(pixels))
+    kornia_seconds = best_of(repeats, lambda: kornia(pixels.float() / 255))
+    batch_seconds = best_of(repeats, lambda: batched(pixels))
     return {
         "recipe": augment.model_dump(),
         "size": size,
         "batch": batch,
         "torchvision_v2_per_sample_images_per_second_per_core": round(batch / v2_seconds, 1),
         "kornia_batch_images_per_second_per_core": round(batch / kornia_seconds, 1),
+        "pneumo_batch_images_per_second_per_core": round(batch / batch_seconds, 1),
     }
 
 
@@ -118,6 +138,44 @@ def loop_overhead(size: int, batch: int, batches: int, repeats: int) -> dict:
     }
 
 
+def loader_handoff(size: int, batch: int, step_seconds: float, workers: int = 2) -> dict:
+    import tempfile
+
+    from pneumo.data import ArrayDataset, CachedSplit, make_loader, train_sampler
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = np.lib.format.open_memmap(
+            Path(tmp) / "train.npy", mode="w+", dtype=np.uint8, shape=(16 * batch, size, size)
+        )
+        rows[:] = np.random.default_rng(0).integers(0, 256, rows.shape, np.uint8)
+        rows.flush()
+        targets = np.arange(len(rows)) % 2
+        split = CachedSplit(np.load(Path(tmp) / "train.npy", mmap_mode="r"), targets,
+                            pd.DataFrame({"index": range(len(rows))}))  # fmt: skip
+        sampler = train_sampler(targets, 0, balanced=True)
+        loader = make_loader(ArrayDataset(split), batch_size=batch, sampler=sampler,
+                             num_workers=workers)  # fmt: skip
+        epochs = []
+        for epoch in range(1, 4):
+            sampler.set_epoch(epoch)
+            waits, started, batches = [], time.perf_counter(), iter(loader)
+            while True:
+                asked = time.perf_counter()
+                pixels = next(batches, None)
+                waits.append(time.perf_counter() - asked)
+                if pixels is None:
+                    break
+                time.sleep(step_seconds)
+            within = sorted(waits[1:-1])
+            epochs.append({
+                "first_wait_ms": round(1000 * waits[0], 1),
+                "median_wait_ms": round(1000 * within[len(within) // 2], 2),
+                "wait_share": round(sum(waits) / (time.perf_counter() - started), 4),
+            })  # fmt: skip
+    return {"size": size, "batch": batch, "workers": workers, "step_seconds": step_seconds,
+            "epochs": epochs}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=224)
@@ -125,6 +183,8 @@ def main() -> None:
     parser.add_argument("--loop-size", type=int, default=64)
     parser.add_argument("--loop-batches", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--handoff-batch", type=int, default=256)
+    parser.add_argument("--handoff-step", type=float, default=0.2, help="seconds per step")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
 
@@ -134,6 +194,8 @@ def main() -> None:
     torch.set_num_threads(2)
     results["loop"] = loop_overhead(args.loop_size, 32, args.loop_batches, args.repeats)
     print(json.dumps(results["loop"]), flush=True)
+    results["loader_handoff"] = loader_handoff(args.size, args.handoff_batch, args.handoff_step)
+    print(json.dumps(results["loader_handoff"]), flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
 
