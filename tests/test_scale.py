@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -12,7 +13,10 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 import yaml
+from torch.nn import functional as F
+from torchvision.transforms import InterpolationMode
 
 from pneumo.config import AugmentConfig, parse_params
 from pneumo.data import BalancedSampler, BatchAugmentation, affine_theta, train_sampler
@@ -115,42 +119,81 @@ def test_each_augmentation_has_the_recipe_semantics_per_sample():
     assert ratio.std() > 0.05  # ... drawn for each image, not once per batch
 
 
-def _maps(theta: torch.Tensor, points: list[tuple[float, float]]) -> torch.Tensor:
-    homogeneous = torch.tensor([[x, y, 1.0] for x, y in points]).T
-    return (theta[0] @ homogeneous).T
+def _one_pass(image: torch.Tensor, box: tuple[int, int, int, int], flip: bool, degrees: float,
+              shift: tuple[float, float]) -> torch.Tensor:  # fmt: skip
+    """pneumo's single resampling, from parameters in torchvision's pixel units."""
+    side = image.shape[-1]
+    top, left, height, width = box
+    crop = torch.tensor([[(2 * left + width) / side - 1, (2 * top + height) / side - 1,
+                          width / side, height / side]])  # fmt: skip
+    theta = affine_theta(crop, torch.tensor([-1.0 if flip else 1.0]),
+                         torch.tensor([math.radians(degrees)]),
+                         torch.tensor([shift]) * 2 / side)  # fmt: skip
+    grid = F.affine_grid(theta, list(image.shape), align_corners=False)
+    return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def test_affine_theta_composes_crop_flip_rotation_and_shift_in_the_recipe_order():
-    one, zero = torch.ones(1), torch.zeros(1)
-    full = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
-    assert torch.allclose(affine_theta(full, one, zero, torch.zeros(1, 2))[0], torch.eye(3)[:2])
-    # a shift moves the content by +d: output p samples the input at p - d
-    shifted = affine_theta(full, one, zero, torch.tensor([[0.2, -0.4]]))
-    assert torch.allclose(_maps(shifted, [(0.0, 0.0)]), torch.tensor([[-0.2, 0.4]]))
-    # a quarter turn is a rotation: lengths kept, axes swapped
-    turned = _maps(affine_theta(full, one, torch.tensor([torch.pi / 2]), torch.zeros(1, 2)),
-                   [(1.0, 0.0)])  # fmt: skip
-    assert torch.allclose(turned.abs(), torch.tensor([[0.0, 1.0]]), atol=1e-6)
-    # the crop comes first: after a flip the output's left edge shows the box's right edge
-    box = torch.tensor([[0.3, -0.2, 0.5, 0.25]])  # centre (0.3, -0.2), half-sizes 0.5 x 0.25
-    corners = _maps(affine_theta(box, one, zero, torch.zeros(1, 2)), [(-1, -1), (1, 1)])
-    assert torch.allclose(corners, torch.tensor([[-0.2, -0.45], [0.8, 0.05]]))
-    mirrored = _maps(affine_theta(box, -one, zero, torch.zeros(1, 2)), [(-1.0, -1.0)])
-    assert torch.allclose(mirrored, torch.tensor([[0.8, -0.45]]))
+def _one_after_another(image, box, flip, degrees, shift) -> torch.Tensor:
+    """The same transforms applied one after another by torchvision."""
+    side = image.shape[-1]
+    out = TF.resized_crop(image, *box, [side, side], antialias=False)
+    out = TF.horizontal_flip(out) if flip else out
+    out = TF.rotate(out, degrees, interpolation=InterpolationMode.BILINEAR)
+    return TF.affine(out, angle=0.0, translate=list(shift), scale=1.0, shear=[0.0, 0.0],
+                     interpolation=InterpolationMode.BILINEAR)  # fmt: skip
 
 
-def test_the_crop_box_stays_inside_the_image_with_the_recipe_area():
+@pytest.mark.parametrize(
+    "box, flip, degrees, shift",
+    [
+        ((8, 16, 40, 32), False, 0.0, (0.0, 0.0)),
+        ((8, 16, 40, 32), True, 0.0, (0.0, 0.0)),
+        ((0, 0, 64, 64), False, 30.0, (0.0, 0.0)),
+        ((0, 0, 64, 64), False, 0.0, (6.0, -10.0)),
+        ((8, 16, 40, 32), True, 25.0, (5.0, -7.0)),
+        ((10, 4, 30, 50), True, -40.0, (-8.0, 3.0)),
+    ],
+)
+def test_one_affine_pass_equals_the_transforms_one_after_another(box, flip, degrees, shift):
+    rows, columns = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 64),
+                                   indexing="ij")  # fmt: skip
+    smooth = (torch.sin(6 * columns) * torch.cos(4 * rows) + 0.3 * columns)[None, None]
+    ours, theirs = (f(smooth, box, flip, degrees, shift) for f in (_one_pass, _one_after_another))
+    ones = torch.ones_like(smooth)
+    inside = (_one_pass(ones, box, flip, degrees, shift) > 0.999) & (
+        _one_after_another(ones, box, flip, degrees, shift) > 0.999
+    )
+    assert inside.float().mean() > 0.3
+    # one interpolation instead of up to four: close, not equal (the image spans 2.2)
+    assert (ours - theirs)[inside].abs().max() < 0.05
+
+
+def test_drawn_rotation_and_shift_cover_the_configured_ranges():
+    torch.manual_seed(4)
+    config = AugmentConfig(rotation=15, hflip=False, translate=0.1, brightness=0, contrast=0,
+                           crop_scale=1.0)  # fmt: skip
+    theta = BatchAugmentation(config).draw(4096)[:, :6].view(-1, 2, 3)
+    degrees = torch.rad2deg(torch.atan2(theta[:, 1, 0], theta[:, 0, 0]))
+    assert 14.5 < degrees.abs().max() <= 15.0 + 1e-4
+    shift = torch.linalg.solve(theta[:, :, :2], -theta[:, :, 2:]).squeeze(-1)  # output of 0
+    in_pixels = shift * 224 / 2  # ±0.1 of a 224 px side is ±22.4 px
+    assert 22.0 < in_pixels.abs().max() <= 22.4 + 1e-3
+
+
+@pytest.mark.parametrize("crop_scale", [0.5, 0.9])
+def test_the_crop_keeps_its_area_and_aspect_ratio_inside_the_image(crop_scale):
     torch.manual_seed(3)
     crop = AugmentConfig(rotation=0, hflip=False, translate=0, brightness=0, contrast=0,
-                         crop_scale=0.5)  # fmt: skip
+                         crop_scale=crop_scale)  # fmt: skip
     theta = BatchAugmentation(crop).draw(4096)[:, :6].view(-1, 2, 3)
     half_w, half_h = theta[:, 0, 0], theta[:, 1, 1]
     assert (theta[:, 0, 2].abs() + half_w <= 1 + 1e-6).all()  # box inside: |centre| + half <= 1
     assert (theta[:, 1, 2].abs() + half_h <= 1 + 1e-6).all()
     area = half_w * half_h
-    assert area.min() >= 0.5 - 1e-6 and area.max() <= 1.0 + 1e-6
-    ratio = half_w / half_h  # within 3/4..4/3 unless clamped at the border
-    assert ratio.min() > 0.74 and ratio.max() < 1.34
+    assert area.min() >= crop_scale - 1e-6 and area.max() <= 1.0 + 1e-6
+    assert abs(area.mean().item() - (1 + crop_scale) / 2) < 0.01  # uniform in crop_scale..1
+    ratio = half_w / half_h
+    assert ratio.min() >= 3 / 4 - 1e-5 and ratio.max() <= 4 / 3 + 1e-5
 
 
 def test_balanced_sampler_shards_one_draw_between_processes():

@@ -97,8 +97,9 @@ def affine_theta(
 
     In normalised coordinates (-1..1 across a square image). ``crop`` is ``(N, 4)``: the
     box's centre x, y and half-sizes w, h; ``flip`` is -1 (mirror) or 1; ``angle`` is in
-    radians; ``shift`` is ``(N, 2)``. The map sends each output pixel to where it samples the
-    input: the inverses of the transforms, the last one first.
+    radians, counter-clockwise as torchvision's ``rotate``; ``shift`` is ``(N, 2)``. The map
+    sends each output pixel to where it samples the input: the inverses of the transforms,
+    the last one first.
     """
     n = len(angle)
     box, mirror, turn, move = (torch.eye(3).repeat(n, 1, 1) for _ in range(4))
@@ -106,7 +107,7 @@ def affine_theta(
     box[:, :2, 2] = crop[:, :2]
     mirror[:, 0, 0] = flip
     cos, sin = torch.cos(angle), torch.sin(angle)
-    turn[:, 0, 0], turn[:, 0, 1], turn[:, 1, 0], turn[:, 1, 1] = cos, sin, -sin, cos
+    turn[:, 0, 0], turn[:, 0, 1], turn[:, 1, 0], turn[:, 1, 1] = cos, -sin, sin, cos
     move[:, :2, 2] = -shift
     return (box @ mirror @ turn @ move)[:, :2]
 
@@ -147,7 +148,11 @@ class BatchAugmentation(nn.Module):
             return low + (high - low) * u[:, column]
 
         area = spread(0, c.crop_scale, 1.0)
-        ratio = torch.exp(spread(1, np.log(3 / 4), np.log(4 / 3))) if c.crop_scale < 1 else 1.0
+        # Log-uniform aspect ratio within 3/4..4/3, narrowed per sample to the ratios whose
+        # box of that area fits the image (area <= ratio <= 1 / area): the area is kept as
+        # drawn, where clamping the box would shrink it below crop_scale.
+        low, high = area.clamp(min=3 / 4).log(), (1 / area).clamp(max=4 / 3).log()
+        ratio = torch.exp(low + (high - low) * u[:, 1])
         half_w, half_h = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)
         centre = (1 - torch.stack([half_w, half_h], 1)) * (2 * u[:, 2:4] - 1)
         flip = torch.where((u[:, 4] < 0.5) & c.hflip, -1.0, 1.0)
