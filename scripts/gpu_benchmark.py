@@ -2,22 +2,22 @@
 
     python scripts/gpu_benchmark.py ../shared/data/chest_xray_dev.zip --out gpu-results
 
-1. Builds the cache of a Kaggle-layout archive at ``--size`` px with the pipeline's own
-   fetch and preprocess stages, in a temporary folder.
-2. Throughput: for each backbone and precision (fp16, bf16; ResNet50 also bf16 with torch.compile
-   and with deterministic kernels), three epochs of the project's own ``fit`` on the
-   ``final`` recipe (GPU batch augmentation, AMP, channels_last); reports training images/s
-   and the share of each epoch spent waiting for data over epochs 2-3, with the GPU's
-   utilisation sampled through NVML meanwhile.
-   Before that, a breakdown of ResNet50's step on batches already on the GPU (no loader):
-   the bare ``model(x); loss.backward(); opt.step()`` with AdamW foreach and fused, fp16 and
-   bf16, with and without the batch augmentation in front, the augmentation alone; the
-   host-synchronising calls of one step (``torch.cuda.set_sync_debug_mode``) and a profiler
-   table (``<out>/step_profile.txt``).
+1. Breakdown of ResNet50's step on batches already on the GPU (no loader): pneumo's
+   ``train_step`` (``model(x); loss.backward(); opt.step()`` under autocast) with AdamW
+   foreach and fused, fp16 and bf16, with and without the batch augmentation; the
+   augmentation alone; the host-synchronising calls of one step
+   (``torch.cuda.set_sync_debug_mode``) and a profiler table (``<out>/step_profile.txt``).
+2. Throughput: builds the cache of a Kaggle-layout archive at ``--size`` px with the
+   pipeline's own fetch and preprocess stages in a temporary folder, then for each backbone
+   and precision (ResNet50 also with foreach AdamW, deterministic kernels and torch.compile)
+   three epochs of the project's own ``fit`` on the ``final`` recipe (GPU batch
+   augmentation, AMP, channels_last); reports training images/s and the share of each epoch
+   spent waiting for data over epochs 2-3, with the GPU's utilisation sampled through NVML.
 3. Comparison: every backbone trained from random init with the ``final`` recipe, as many
-   epochs as ``--budget`` seconds allow at the measured speed, then evaluated with TTA and
+   epochs as fit before ``--deadline`` at the measured epoch time, then evaluated with TTA and
    the threshold chosen on the validation split (the ``evaluate`` stage's own ``assess``).
 
+``--sections`` picks among the three; no new measurement starts after ``--deadline``.
 Results go to ``<out>/gpu_benchmark.json`` after every step, so a run cut short keeps what it
 measured. ``--device cpu --size 32 --quick`` runs the same code on the CPU as a smoke test.
 """
@@ -94,7 +94,7 @@ def step_breakdown(raw: dict, device, size: int, batch_size: int, sampler, out: 
     from pneumo.data import BatchAugmentation
     from pneumo.losses import build_loss
     from pneumo.models import build_model
-    from pneumo.train import Precision, use_deterministic_kernels
+    from pneumo.train import Precision, train_step, use_deterministic_kernels
 
     params = parse_params(raw)
     use_deterministic_kernels(False)
@@ -115,21 +115,8 @@ def step_breakdown(raw: dict, device, size: int, batch_size: int, sampler, out: 
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=fused)
         scaler = precision.grad_scaler()
         pixels, targets = batch(n)
-
-        def step() -> None:
-            x = augment(pixels) if augmented else pixels
-            with precision.autocast(device):
-                loss = loss_fn(net(x).float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-
-        return step
+        return lambda: train_step(net, pixels, targets, loss_fn, optimizer, precision, scaler,
+                                  augment if augmented else None)  # fmt: skip
 
     net.train()
     variants = [

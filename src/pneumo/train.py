@@ -1,10 +1,11 @@
 """Stage `train@<backbone>`: fit one backbone on the cache, keep the best epoch by val loss.
 
-Reading order: ``train_one_epoch`` → ``evaluate`` → ``fit`` → ``train`` (the stage: tracking
-and outputs). Outputs are staged in a temporary folder and moved into place at the very end,
-so an interrupted run never leaves a checkpoint that looks complete; the state needed to
-continue it is kept after every epoch (pneumo.resume). Under ``torchrun`` every process runs
-``fit`` on its share of each batch and only the main one writes files and logs to MLflow.
+Reading order: ``train_step`` → ``train_one_epoch`` → ``evaluate`` → ``fit`` → ``train`` (the
+stage: tracking and outputs). Outputs are staged in a temporary folder and moved into place at
+the very end, so an interrupted run never leaves a checkpoint that looks complete; the state
+needed to continue it is kept after every epoch (pneumo.resume). Under ``torchrun`` every
+process runs ``fit`` on its share of each batch and only the main one writes files and logs to
+MLflow.
 """
 
 from __future__ import annotations
@@ -108,6 +109,33 @@ class Precision:
         return torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
 
+def train_step(
+    model: nn.Module,
+    pixels: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    precision: Precision = Precision(),
+    scaler: torch.amp.GradScaler | None = None,
+    augment: BatchAugmentation | None = None,
+) -> torch.Tensor:
+    """One optimisation step on a batch already on the device. Returns the loss unread: reading
+    it would make the host wait for the GPU."""
+    if augment is not None:
+        pixels = augment(pixels)
+    with precision.autocast(pixels.device):
+        loss = loss_fn(model(pixels).float(), targets)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: torch.utils.data.DataLoader,
@@ -135,18 +163,7 @@ def train_one_epoch(
             break
         pixels, targets = batch
         pixels, targets = precision.to_input(pixels, device), targets.to(device, non_blocking=True)
-        if augment is not None:
-            pixels = augment(pixels)
-        with precision.autocast(device):
-            loss = loss_fn(model(pixels).float(), targets)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        loss = train_step(model, pixels, targets, loss_fn, optimizer, precision, scaler, augment)
         total += loss.detach() * len(targets)
         seen += len(targets)
     loss_sum, images = distributed.sum_across(world, total.item(), seen, device=device)
