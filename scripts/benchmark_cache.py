@@ -5,10 +5,12 @@ Not a test. Usage (the dev archive lies next to the checkout; any Kaggle-layout 
     python scripts/benchmark_cache.py ../shared/data/chest_xray_dev.zip --size 224
 
 It fetches and preprocesses the archive into a temporary folder (timing the preprocess stage
-and its peak memory), then reads the training split once through torch DataLoaders:
+and its peak memory), then reads the training split once each way:
 
-* cache: ``pneumo.data.ArrayDataset`` over the memory-mapped uint8 array;
-* JPEG: torchvision ``ImageFolder`` with ``Grayscale`` + ``Resize`` + ``PILToTensor``.
+* cache: ``pneumo.data.CacheLoader`` over the memory-mapped uint8 array, as ``fit`` reads it
+  (``--workers`` loader threads);
+* JPEG: a torch ``DataLoader`` over torchvision's ``ImageFolder`` with ``Grayscale`` +
+  ``Resize`` + ``PILToTensor`` (``--workers`` loader processes).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def main() -> None:
     import torch
     from torchvision import datasets, transforms
 
-    from pneumo.data import ArrayDataset, CachedSplit, make_loader
+    from pneumo.data import CachedSplit, CacheLoader
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,9 +71,7 @@ def main() -> None:
         preprocess_s, preprocess_peak = _stage(root, "preprocess")
 
         cache = CachedSplit.load(root / "data/processed", "train")
-        cached_loader = make_loader(
-            ArrayDataset(cache), batch_size=args.batch_size, num_workers=args.workers
-        )
+        cached_loader = CacheLoader(cache, batch_size=args.batch_size, threads=args.workers)
         jpeg_tf = transforms.Compose(
             [
                 transforms.Grayscale(),

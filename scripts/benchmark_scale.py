@@ -9,7 +9,7 @@ layout (smooth random fields, 256 px, a few per patient) into a temporary folder
 ``pneumo fetch`` (source local) and ``pneumo preprocess`` as child processes, and reports the
 preprocess wall time and its main process's peak resident memory (VmHWM; decoding runs in
 ``--workers`` processes that hold one file each). For the largest count it also times one
-epoch's read of the memory-mapped training cache through the training DataLoader.
+epoch's read of the memory-mapped training cache as training reads it (``CacheLoader``).
 """
 
 from __future__ import annotations
@@ -78,9 +78,9 @@ def run_stage(root: Path, *command: str) -> tuple[float, float]:
 
 
 def epoch_read(cache: Path, batch_size: int) -> tuple[int, float]:
-    from pneumo.data import ArrayDataset, CachedSplit, make_loader
+    from pneumo.data import CachedSplit, CacheLoader
 
-    loader = make_loader(ArrayDataset(CachedSplit.load(cache, "train")), batch_size=batch_size)
+    loader = CacheLoader(CachedSplit.load(cache, "train"), batch_size=batch_size)
     started = time.perf_counter()
     seen = sum(len(pixels) for pixels, _ in loader)
     return seen, time.perf_counter() - started

@@ -8,12 +8,13 @@ Not a test. Usage:
    thread: torchvision v2 transforms applied per sample (what loader workers would run),
    kornia's random transforms on the batch (pneumo's augmentation until 2026-11-28) and
    pneumo's batch augmentation (per-sample parameters, one affine resampling per batch).
-3. Loader hand-off: the main process's time in ``next(loader)`` when the loader processes are
-   ahead of it (a sleep stands in for the GPU's step), for batches of ``--handoff-batch``
-   uint8 images at ``--size`` px from a memory-mapped array, as ``fit`` reads the cache.
 2. Loop overhead: pneumo's ``train_one_epoch`` against a bare
    ``model(x); loss.backward(); opt.step()`` loop over the same tensors (ResNet50, no
    augmentation), as a ratio of wall times; the loop's loader reads an in-memory cache.
+3. Loader hand-off: the main process's time in ``next(loader)`` when the loader is ahead of it
+   (a sleep stands in for the GPU's step), for batches of ``--handoff-batch`` uint8 images at
+   ``--size`` px from a memory-mapped array: a ``DataLoader`` with two loader processes (how
+   ``fit`` read the cache until 2026-11-28) against ``CacheLoader`` with two threads (now).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def augmentation(size: int, batch: int, repeats: int) -> dict:
 
 
 def loop_overhead(size: int, batch: int, batches: int, repeats: int) -> dict:
-    from pneumo.data import ArrayDataset, CachedSplit, make_loader
+    from pneumo.data import CachedSplit, CacheLoader
     from pneumo.losses import FocalLoss
     from pneumo.models import build_model
     from pneumo.train import train_one_epoch
@@ -100,7 +101,7 @@ def loop_overhead(size: int, batch: int, batches: int, repeats: int) -> dict:
     images = np.random.default_rng(0).integers(0, 256, (batch * batches, size, size), np.uint8)
     targets = np.arange(len(images)) % 2
     split = CachedSplit(images, targets, pd.DataFrame({"index": range(len(images))}))
-    loader = make_loader(ArrayDataset(split), batch_size=batch)
+    loader = CacheLoader(split, batch_size=batch)
     tensors = [(torch.from_numpy(images[i : i + batch])[:, None],
                 torch.from_numpy(targets[i : i + batch].astype(np.float32)))
                for i in range(0, len(images), batch)]  # fmt: skip
@@ -138,10 +139,46 @@ def loop_overhead(size: int, batch: int, batches: int, repeats: int) -> dict:
     }
 
 
+class RowDataset(torch.utils.data.Dataset):
+    """One cached row per item, as ``fit`` read the cache through a DataLoader until
+    2026-11-28; for comparison only."""
+
+    def __init__(self, split) -> None:
+        self.images, self.targets = split.images, torch.from_numpy(split.targets.astype(np.float32))
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        return torch.from_numpy(np.array(self.images[index][None])), self.targets[index]
+
+
+def handoff_epochs(loader, sampler, step_seconds: float) -> list[dict]:
+    """Three epochs: the main process's time in ``next(loader)``, a sleep for each step."""
+    epochs = []
+    for epoch in range(1, 4):
+        sampler.set_epoch(epoch)
+        waits, started, batches = [], time.perf_counter(), iter(loader)
+        while True:
+            asked = time.perf_counter()
+            pixels = next(batches, None)
+            waits.append(time.perf_counter() - asked)
+            if pixels is None:
+                break
+            time.sleep(step_seconds)
+        within = sorted(waits[1:-1])
+        epochs.append({
+            "first_wait_ms": round(1000 * waits[0], 1),
+            "median_wait_ms": round(1000 * within[len(within) // 2], 3),
+            "wait_share": round(sum(waits) / (time.perf_counter() - started), 4),
+        })  # fmt: skip
+    return epochs
+
+
 def loader_handoff(size: int, batch: int, step_seconds: float, workers: int = 2) -> dict:
     import tempfile
 
-    from pneumo.data import ArrayDataset, CachedSplit, make_loader, train_sampler
+    from pneumo.data import CachedSplit, CacheLoader, train_sampler
 
     with tempfile.TemporaryDirectory() as tmp:
         rows = np.lib.format.open_memmap(
@@ -150,30 +187,19 @@ def loader_handoff(size: int, batch: int, step_seconds: float, workers: int = 2)
         rows[:] = np.random.default_rng(0).integers(0, 256, rows.shape, np.uint8)
         rows.flush()
         targets = np.arange(len(rows)) % 2
-        split = CachedSplit(np.load(Path(tmp) / "train.npy", mmap_mode="r"), targets,
+        split = CachedSplit(np.load(Path(tmp) / "train.npy", mmap_mode="c"), targets,
                             pd.DataFrame({"index": range(len(rows))}))  # fmt: skip
         sampler = train_sampler(targets, 0, balanced=True)
-        loader = make_loader(ArrayDataset(split), batch_size=batch, sampler=sampler,
-                             num_workers=workers)  # fmt: skip
-        epochs = []
-        for epoch in range(1, 4):
-            sampler.set_epoch(epoch)
-            waits, started, batches = [], time.perf_counter(), iter(loader)
-            while True:
-                asked = time.perf_counter()
-                pixels = next(batches, None)
-                waits.append(time.perf_counter() - asked)
-                if pixels is None:
-                    break
-                time.sleep(step_seconds)
-            within = sorted(waits[1:-1])
-            epochs.append({
-                "first_wait_ms": round(1000 * waits[0], 1),
-                "median_wait_ms": round(1000 * within[len(within) // 2], 2),
-                "wait_share": round(sum(waits) / (time.perf_counter() - started), 4),
-            })  # fmt: skip
-    return {"size": size, "batch": batch, "workers": workers, "step_seconds": step_seconds,
-            "epochs": epochs}  # fmt: skip
+        processes = torch.utils.data.DataLoader(
+            RowDataset(split), batch_size=batch, sampler=sampler, num_workers=workers,
+            persistent_workers=True,
+        )  # fmt: skip
+        threads = CacheLoader(split, batch_size=batch, indices=sampler, threads=workers)
+        return {
+            "size": size, "batch": batch, "workers": workers, "step_seconds": step_seconds,
+            "dataloader_processes": handoff_epochs(processes, sampler, step_seconds),
+            "cache_loader_threads": handoff_epochs(threads, sampler, step_seconds),
+        }  # fmt: skip
 
 
 def main() -> None:

@@ -7,10 +7,12 @@ import math
 import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -19,7 +21,14 @@ from torch.nn import functional as F
 from torchvision.transforms import InterpolationMode
 
 from pneumo.config import AugmentConfig, parse_params
-from pneumo.data import BalancedSampler, BatchAugmentation, affine_theta, train_sampler
+from pneumo.data import (
+    BalancedSampler,
+    BatchAugmentation,
+    CachedSplit,
+    CacheLoader,
+    affine_theta,
+    train_sampler,
+)
 from pneumo.preprocess import write_array
 from tests.conftest import (
     TINY_PARAMS,
@@ -218,6 +227,47 @@ def test_unbalanced_training_shuffles_anew_each_epoch():
     assert sorted(first) == list(range(50)) and list(sampler) != first
 
 
+def _numbered_split(rows: int) -> CachedSplit:
+    """Rows whose pixels all hold the row's number, and alternating targets."""
+    images = np.repeat(np.arange(rows, dtype=np.uint8), 15).reshape(rows, 3, 5)
+    targets = np.arange(rows) % 2
+    return CachedSplit(images, targets, pd.DataFrame({"index": range(rows)}))
+
+
+@pytest.mark.parametrize("threads", [0, 3])
+def test_the_cache_loader_yields_the_sampler_batches_in_order(threads):
+    split = _numbered_split(50)
+    sampler = train_sampler(split.targets, seed=2, balanced=True)
+    loader = CacheLoader(split, batch_size=8, indices=sampler, threads=threads)
+    assert len(loader) == 7
+    for epoch in (1, 2):
+        sampler.set_epoch(epoch)
+        drawn = list(sampler)
+        batches = list(loader)
+        assert [len(pixels) for pixels, _ in batches] == [8] * 6 + [2]  # the last one short
+        pixels = torch.cat([p for p, _ in batches])
+        targets = torch.cat([t for _, t in batches])
+        assert pixels.dtype == torch.uint8 and pixels.shape[1:] == (1, 3, 5)
+        assert pixels[:, 0, 0, 0].tolist() == drawn  # each row where the sampler put it
+        assert (pixels == pixels[:, :, :1, :1]).all()
+        assert targets.dtype == torch.float32 and targets.tolist() == [i % 2 for i in drawn]
+
+
+def test_the_cache_loader_reads_every_row_in_order_by_default():
+    loader = CacheLoader(_numbered_split(10), batch_size=4, threads=2)
+    assert [p[:, 0, 0, 0].tolist() for p, _ in loader] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_the_cache_loader_stops_its_threads_and_passes_on_read_errors():
+    loader = CacheLoader(_numbered_split(40), batch_size=4, threads=2)
+    for _ in loader:
+        break  # a consumer that stops early, as training stopped by an error does
+    assert not [t for t in threading.enumerate() if t.name.startswith("pneumo-loader")]
+    broken = CacheLoader(_numbered_split(40), batch_size=4, indices=[0, 1, 2, 99], threads=2)
+    with pytest.raises(IndexError):
+        list(broken)
+
+
 @pytest.mark.parametrize(
     ("train", "key"),
     [
@@ -303,6 +353,29 @@ def test_a_state_from_other_settings_is_never_resumed(project_copy):
     output = rerun.communicate()[0]
     assert rerun.returncode == 0, output
     assert "resuming" not in output and "removing resume state of other settings" in output
+
+
+@pytest.mark.parametrize(
+    ("change", "same"),
+    [
+        ({"registry": {"min_val_auc": 0.9}}, True),
+        ({"backbones": ["resnet50"]}, True),
+        ({"train": {"num_workers": 3}}, True),
+        ({"train": {"resume": False}}, True),
+        ({"evaluate": {"tta": ["identity"]}}, True),
+        ({"train": {"lr": 0.002}}, False),
+        ({"evaluate": {"batch_size": 8}}, False),
+        ({"augment": {"rotation": 5.0}}, False),
+        ({"seed": 7}, False),
+    ],
+)
+def test_the_resume_key_follows_what_determines_the_training(change, same):
+    from pneumo.resume import run_key
+
+    reference = run_key(parse_params({}), "resnet50", "abc")
+    assert (run_key(parse_params(change), "resnet50", "abc") == reference) is same
+    assert run_key(parse_params({}), "densenet121", "abc") != reference
+    assert run_key(parse_params({}), "resnet50", "abd") != reference
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import torch
 
 from pneumo import tracking
 from pneumo.config import parse_params
-from pneumo.data import ArrayDataset, CachedSplit, make_loader
+from pneumo.data import CachedSplit, CacheLoader
 from pneumo.inference import load_network
 from pneumo.losses import FocalLoss
 from pneumo.models import build_model
@@ -68,10 +68,10 @@ def _tiny_params(**train):
 
 
 def test_two_cpu_runs_with_the_same_params_are_identical(tiny_project):
-    params = _tiny_params(epochs=1)
-    cache = tiny_project / "data/processed"
-    first = fit(params, "efficientnet-b0", cache, torch.device("cpu"))
-    second = fit(params, "efficientnet-b0", cache, torch.device("cpu"))
+    """Also when loader threads read the batches ahead instead of the main thread."""
+    cache, cpu = tiny_project / "data/processed", torch.device("cpu")
+    first = fit(_tiny_params(epochs=1, num_workers=0), "efficientnet-b0", cache, cpu)
+    second = fit(_tiny_params(epochs=1, num_workers=2), "efficientnet-b0", cache, cpu)
     keys = ("train_loss", "val_loss", "val_auc")
     assert [{k: h[k] for k in keys} for h in first.history] == [
         {k: h[k] for k in keys} for h in second.history
@@ -83,7 +83,7 @@ def test_two_cpu_runs_with_the_same_params_are_identical(tiny_project):
 
 def test_nan_loss_stops_training_with_a_clear_error(tiny_project):
     split = CachedSplit.load(tiny_project / "data/processed", "train")
-    loader = make_loader(ArrayDataset(split), batch_size=8)
+    loader = CacheLoader(split, batch_size=8)
     model = build_model("resnet50")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
@@ -97,7 +97,7 @@ def test_nan_loss_stops_training_with_a_clear_error(tiny_project):
 def test_mixed_precision_and_channels_last_path_runs_on_cpu(tiny_project):
     """The CUDA settings, exercised with CPU autocast (bfloat16) and channels_last."""
     split = CachedSplit.load(tiny_project / "data/processed", "train")
-    loader = make_loader(ArrayDataset(split), batch_size=16)
+    loader = CacheLoader(split, batch_size=16)
     model = build_model("resnet50").to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     precision = Precision(amp_dtype=torch.bfloat16, channels_last=True)

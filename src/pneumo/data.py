@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import BatchSampler, DistributedSampler, Sampler
 
 from pneumo import paths
 from pneumo.config import AugmentConfig
@@ -28,8 +31,7 @@ class CacheError(UserError):
 class CachedSplit:
     """One split of the cache: pixels (memory-mapped), targets and the rows' manifest.
 
-    Memory-mapped, a cache larger than RAM trains: the page cache keeps what fits and the
-    loader workers share it.
+    Memory-mapped, a cache larger than RAM trains: the page cache keeps what fits.
     """
 
     images: np.ndarray
@@ -47,7 +49,9 @@ class CachedSplit:
             raise CacheError(f"{missing} not found: run `pneumo preprocess` (or `dvc repro`)")
         manifest = pd.read_csv(files[0])
         rows = manifest[manifest.split == split].sort_values("index").reset_index(drop=True)
-        images = np.load(files[1], mmap_mode="r")
+        # Copy-on-write, so that torch can wrap the map without a read-only warning; nothing
+        # writes to it, and the file is never changed.
+        images = np.load(files[1], mmap_mode="c")
         if len(images) != len(rows):
             raise CacheError(
                 f"the cache in {cache_dir} holds {len(images)} {split} images but its manifest "
@@ -70,24 +74,6 @@ def cache_fingerprint(cache_dir: Path) -> str:
                 for block in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(block)
     return digest.hexdigest()[:12]
-
-
-class ArrayDataset(Dataset):
-    """Yields ``(uint8 tensor (1, H, W), float target)``: pixels exactly as cached.
-
-    Augmentation is not done here, per sample in loader workers, but on whole batches where
-    the model runs (``BatchAugmentation``), so the workers only copy rows.
-    """
-
-    def __init__(self, split: CachedSplit) -> None:
-        self.images = split.images
-        self.targets = torch.from_numpy(split.targets.astype(np.float32))
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(np.array(self.images[index][None])), self.targets[index]
 
 
 def affine_theta(
@@ -230,29 +216,76 @@ def train_sampler(
     )
 
 
-def resolve_num_workers(choice: int | str, device: torch.device, nproc: int = 1) -> int:
-    """``auto``: none on the CPU (the batch is augmented in-process, every core computes);
-    on an accelerator, the cores this process's share leaves after the main one, up to 8."""
+def resolve_loader_threads(choice: int | str, device: torch.device, nproc: int = 1) -> int:
+    """``auto``: none on the CPU (every core computes; the main thread reads each batch when
+    asked); on an accelerator, the cores this process's share leaves after the main one, up to
+    4: one thread gathers a batch of 256 rows at 224 px in about a millisecond from memory, and
+    more only help a cache read from disk."""
     if choice != "auto":
         return int(choice)
     if device.type == "cpu":
         return 0
-    return max(1, min(8, (os.cpu_count() or 2) // nproc - 1))
+    return max(1, min(4, (os.cpu_count() or 2) // nproc - 1))
 
 
-def make_loader(
-    dataset: Dataset,
-    *,
-    batch_size: int,
-    sampler: Sampler | None = None,
-    num_workers: int = 0,
-    pin_memory: bool = False,
-) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
-    )
+class CacheLoader:
+    """Batches of cached rows: ``(uint8 (B, 1, H, W), float32 (B,))``, in the sampler's order.
+
+    Not a ``DataLoader``: the rows need no decoding and augmentation runs on the batch where
+    the model runs (``BatchAugmentation``), so the only work per batch is one gather from the
+    memory map. Loader processes would add a hand-off per batch (about 3 ms of the main
+    process's time for 256 rows at 224 px, docs/benchmarks.md), which a fast GPU waits for.
+    Here ``threads`` background threads gather whole batches with ``torch.index_select``,
+    which releases the GIL, straight into pinned memory when ``pin_memory`` (the caching host
+    allocator reuses a buffer only once its copy to the GPU is done), up to
+    ``prefetch_per_thread`` batches ahead each. With no threads, the main thread reads each
+    batch when asked. ``indices`` (a sampler, re-iterated every epoch, or a range) defaults to
+    every row in order; the last batch may be short, as a ``DataLoader``'s.
+    """
+
+    def __init__(
+        self,
+        split: CachedSplit,
+        *,
+        batch_size: int,
+        indices: Iterable[int] | None = None,
+        threads: int = 0,
+        pin_memory: bool = False,
+        prefetch_per_thread: int = 2,
+    ) -> None:
+        self.rows = torch.from_numpy(split.images).unsqueeze(1)
+        self.targets = torch.from_numpy(split.targets.astype(np.float32))
+        rows = indices if indices is not None else range(len(self.targets))
+        self.batches = BatchSampler(rows, batch_size, drop_last=False)
+        self.threads, self.pin_memory = threads, pin_memory
+        self.ahead = threads * prefetch_per_thread
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def read(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices)
+        pixels = torch.empty(
+            (len(index), *self.rows.shape[1:]), dtype=torch.uint8, pin_memory=self.pin_memory
+        )
+        torch.index_select(self.rows, 0, index, out=pixels)
+        targets = self.targets[index]
+        return pixels, targets.pin_memory() if self.pin_memory else targets
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if not self.threads:
+            yield from map(self.read, self.batches)
+            return
+        batches = iter(self.batches)
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="pneumo-loader") as pool:
+            pending = deque(pool.submit(self.read, batch) for batch in islice(batches, self.ahead))
+            try:
+                while pending:
+                    ready = pending.popleft().result()
+                    following = next(batches, None)
+                    if following is not None:
+                        pending.append(pool.submit(self.read, following))
+                    yield ready
+            finally:  # stopped early: drop what has not started
+                for future in pending:
+                    future.cancel()

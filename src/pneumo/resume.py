@@ -1,9 +1,9 @@
 """Resumable training state: one file per (backbone, everything that determines the run).
 
 DVC deletes a stage's outputs before running it, so the state lives outside them, in
-``<repository>/.pneumo/resume/``. Its name carries a hash of the params (less the tracking
-section, which only says where runs are logged), the data hash, the backbone, the code of the
-package and the torch version: a state written under anything else is never resumed.
+``<repository>/.pneumo/resume/``. Its name carries a hash of the params that determine the
+training, the data hash, the backbone, the code of the package and the torch version: a state
+written under anything else is never resumed.
 """
 
 from __future__ import annotations
@@ -35,8 +35,16 @@ def code_version() -> str:
 
 
 def run_key(params: Params, backbone: str, data_hash: str) -> str:
-    determining = params.model_dump(mode="json", exclude={"tracking": True})
-    determining["train"].pop("resume")
+    # What a training run depends on; not the study's other sections (backbones, compare,
+    # registry, tracking), whether to resume, or the loader threads (they change no batch).
+    determining = params.model_dump(
+        mode="json",
+        include={
+            "seed": True, "data": True, "model": True, "loss": True, "augment": True,
+            "train": True, "evaluate": {"batch_size"},
+        },
+        exclude={"train": {"resume", "num_workers"}},
+    )  # fmt: skip
     blob = json.dumps([determining, backbone, data_hash, code_version()], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -30,12 +30,11 @@ from tqdm import tqdm
 from pneumo import distributed, resume, tracking
 from pneumo.config import CLASS_NAMES, Params, TrainConfig, flatten
 from pneumo.data import (
-    ArrayDataset,
     BatchAugmentation,
     CachedSplit,
+    CacheLoader,
     cache_fingerprint,
-    make_loader,
-    resolve_num_workers,
+    resolve_loader_threads,
     train_sampler,
 )
 from pneumo.devices import resolve_device
@@ -138,7 +137,7 @@ def train_step(
 
 def train_one_epoch(
     model: nn.Module,
-    loader: torch.utils.data.DataLoader,
+    loader: CacheLoader,
     loss_fn: nn.Module,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
@@ -182,7 +181,7 @@ def train_one_epoch(
 @torch.inference_mode()
 def predict_logits(
     model: nn.Module,
-    loader: torch.utils.data.DataLoader,
+    loader: CacheLoader,
     device: torch.device,
     precision: Precision = Precision(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,7 +197,7 @@ def predict_logits(
 
 def evaluate(
     model: nn.Module,
-    loader: torch.utils.data.DataLoader,
+    loader: CacheLoader,
     loss_fn: nn.Module,
     device: torch.device,
     precision: Precision = Precision(),
@@ -235,13 +234,6 @@ class FitResult:
         return self.history[self.best_epoch - 1]
 
 
-def _val_shard(split: CachedSplit, world: World) -> torch.utils.data.Dataset:
-    dataset = ArrayDataset(split)
-    if not world.distributed:
-        return dataset
-    return torch.utils.data.Subset(dataset, range(world.rank, len(dataset), world.size))
-
-
 def fit(
     params: Params,
     backbone: str,
@@ -263,19 +255,20 @@ def fit(
     use_deterministic_kernels(cfg.deterministic)
     train_split = CachedSplit.load(cache_dir, "train")
     val_split = CachedSplit.load(cache_dir, "val")
-    workers = resolve_num_workers(cfg.num_workers, device, world.size)
+    threads = resolve_loader_threads(cfg.num_workers, device, world.size)
     pin = device.type == "cuda"
     sampler = train_sampler(
         train_split.targets, params.seed, balanced=cfg.weighted_sampler,
         rank=world.rank, world=world.size,
     )  # fmt: skip
-    train_loader = make_loader(
-        ArrayDataset(train_split), batch_size=cfg.batch_size // world.size, sampler=sampler,
-        num_workers=workers, pin_memory=pin,
+    train_loader = CacheLoader(
+        train_split, batch_size=cfg.batch_size // world.size, indices=sampler,
+        threads=threads, pin_memory=pin,
     )  # fmt: skip
-    val_loader = make_loader(
-        _val_shard(val_split, world), batch_size=params.evaluate.batch_size,
-        num_workers=workers, pin_memory=pin,
+    val_loader = CacheLoader(  # under torchrun, each process predicts every world.size-th row
+        val_split, batch_size=params.evaluate.batch_size,
+        indices=range(world.rank, len(val_split.targets), world.size),
+        threads=threads, pin_memory=pin,
     )  # fmt: skip
 
     net = build_model(
