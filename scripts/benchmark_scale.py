@@ -9,7 +9,9 @@ layout (smooth random fields, 256 px, a few per patient) into a temporary folder
 ``pneumo fetch`` (source local) and ``pneumo preprocess`` as child processes, and reports the
 preprocess wall time and its main process's peak resident memory (VmHWM; decoding runs in
 ``--workers`` processes that hold one file each). For the largest count it also times one
-epoch's read of the memory-mapped training cache as training reads it (``CacheLoader``).
+epoch's read of the memory-mapped training cache through ``CacheLoader`` in row order
+(training reads the same way, in the sampler's order), right after preprocess wrote it, so
+its pages are likely still in the page cache.
 """
 
 from __future__ import annotations

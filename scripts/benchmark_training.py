@@ -10,7 +10,8 @@ Not a test. Usage:
    pneumo's batch augmentation (per-sample parameters, one affine resampling per batch).
 2. Loop overhead: pneumo's ``train_one_epoch`` against a bare
    ``model(x); loss.backward(); opt.step()`` loop over the same tensors (ResNet50, no
-   augmentation), as a ratio of wall times; the loop's loader reads an in-memory cache.
+   augmentation), as a ratio of the best wall times of alternated repeats; the loop's loader
+   reads an in-memory cache.
 3. Loader hand-off: the main process's time in ``next(loader)`` when the loader is ahead of it
    (a sleep stands in for the GPU's step), for batches of ``--handoff-batch`` uint8 images at
    ``--size`` px from a memory-mapped array: a ``DataLoader`` with two loader processes (how
@@ -61,13 +62,14 @@ def kornia_sequence(augment, size: int) -> torch.nn.Sequential:
     )
 
 
+def timed(call) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
 def best_of(repeats: int, call) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return min(times)
+    return min(timed(call) for _ in range(repeats))
 
 
 def augmentation(size: int, batch: int, repeats: int) -> dict:
@@ -124,9 +126,12 @@ def loop_overhead(size: int, batch: int, batches: int, repeats: int) -> dict:
         model, optimizer, loss_fn = fresh()
         train_one_epoch(model, loader, loss_fn, optimizer, device)
 
-    bare()  # warm-up
-    bare_seconds = best_of(repeats, bare)
-    pneumo_seconds = best_of(repeats, pneumo_loop)
+    bare(), pneumo_loop()  # warm-up
+    bare_times, pneumo_times = [], []
+    for _ in range(repeats):  # alternated, so a drift in the machine's speed hits both alike
+        bare_times.append(timed(bare))
+        pneumo_times.append(timed(pneumo_loop))
+    bare_seconds, pneumo_seconds = min(bare_times), min(pneumo_times)
     return {
         "model": "resnet50",
         "size": size,
@@ -187,7 +192,7 @@ def loader_handoff(size: int, batch: int, step_seconds: float, workers: int = 2)
         rows[:] = np.random.default_rng(0).integers(0, 256, rows.shape, np.uint8)
         rows.flush()
         targets = np.arange(len(rows)) % 2
-        split = CachedSplit(np.load(Path(tmp) / "train.npy", mmap_mode="c"), targets,
+        split = CachedSplit(np.load(Path(tmp) / "train.npy", mmap_mode="r"), targets,
                             pd.DataFrame({"index": range(len(rows))}))  # fmt: skip
         sampler = train_sampler(targets, 0, balanced=True)
         processes = torch.utils.data.DataLoader(

@@ -258,6 +258,15 @@ def test_the_cache_loader_reads_every_row_in_order_by_default():
     assert [p[:, 0, 0, 0].tolist() for p, _ in loader] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
+def test_the_cache_is_mapped_read_only(tiny_project):
+    """A writable private map would reserve the file's size in memory: a cache larger than
+    RAM plus swap would not open."""
+    split = CachedSplit.load(tiny_project / "data/processed", "train")
+    assert isinstance(split.images, np.memmap) and not split.images.flags.writeable
+    pixels, _ = next(iter(CacheLoader(split, batch_size=4, threads=1)))
+    assert torch.equal(pixels[:, 0], torch.from_numpy(np.array(split.images[:4])))
+
+
 def test_the_cache_loader_stops_its_threads_and_passes_on_read_errors():
     loader = CacheLoader(_numbered_split(40), batch_size=4, threads=2)
     for _ in loader:
@@ -360,8 +369,10 @@ def test_a_state_from_other_settings_is_never_resumed(project_copy):
     [
         ({"registry": {"min_val_auc": 0.9}}, True),
         ({"backbones": ["resnet50"]}, True),
+        ({"data": {"local_path": "elsewhere.zip"}}, True),  # the data hash decides
         ({"train": {"num_workers": 3}}, True),
         ({"train": {"resume": False}}, True),
+        ({"train": {"device": "cpu"}}, True),  # as resolved: cpu either way here
         ({"evaluate": {"tta": ["identity"]}}, True),
         ({"train": {"lr": 0.002}}, False),
         ({"evaluate": {"batch_size": 8}}, False),
@@ -372,10 +383,12 @@ def test_a_state_from_other_settings_is_never_resumed(project_copy):
 def test_the_resume_key_follows_what_determines_the_training(change, same):
     from pneumo.resume import run_key
 
-    reference = run_key(parse_params({}), "resnet50", "abc")
-    assert (run_key(parse_params(change), "resnet50", "abc") == reference) is same
-    assert run_key(parse_params({}), "densenet121", "abc") != reference
-    assert run_key(parse_params({}), "resnet50", "abd") != reference
+    reference = run_key(parse_params({}), "resnet50", "abc", "cpu", 1)
+    assert (run_key(parse_params(change), "resnet50", "abc", "cpu", 1) == reference) is same
+    assert run_key(parse_params({}), "densenet121", "abc", "cpu", 1) != reference
+    assert run_key(parse_params({}), "resnet50", "abd", "cpu", 1) != reference
+    assert run_key(parse_params({}), "resnet50", "abc", "cuda", 1) != reference
+    assert run_key(parse_params({}), "resnet50", "abc", "cpu", 2) != reference
 
 
 @pytest.mark.slow

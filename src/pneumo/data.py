@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
@@ -49,9 +49,9 @@ class CachedSplit:
             raise CacheError(f"{missing} not found: run `pneumo preprocess` (or `dvc repro`)")
         manifest = pd.read_csv(files[0])
         rows = manifest[manifest.split == split].sort_values("index").reset_index(drop=True)
-        # Copy-on-write, so that torch can wrap the map without a read-only warning; nothing
-        # writes to it, and the file is never changed.
-        images = np.load(files[1], mmap_mode="c")
+        # Read-only: a private writable map ("c") would reserve the file's size in memory, and
+        # one larger than RAM plus swap would not open.
+        images = np.load(files[1], mmap_mode="r")
         if len(images) != len(rows):
             raise CacheError(
                 f"the cache in {cache_dir} holds {len(images)} {split} images but its manifest "
@@ -235,12 +235,10 @@ class CacheLoader:
     the model runs (``BatchAugmentation``), so the only work per batch is one gather from the
     memory map. Loader processes would add a hand-off per batch (about 3 ms of the main
     process's time for 256 rows at 224 px, docs/benchmarks.md), which a fast GPU waits for.
-    Here ``threads`` background threads gather whole batches with ``torch.index_select``,
-    which releases the GIL, straight into pinned memory when ``pin_memory`` (the caching host
-    allocator reuses a buffer only once its copy to the GPU is done), up to
-    ``prefetch_per_thread`` batches ahead each. With no threads, the main thread reads each
-    batch when asked. ``indices`` (a sampler, re-iterated every epoch, or a range) defaults to
-    every row in order; the last batch may be short, as a ``DataLoader``'s.
+    Here ``threads`` background threads gather whole batches, up to ``prefetch_per_thread``
+    batches ahead each; with no threads the main thread reads each batch when asked.
+    ``indices`` (a sampler, iterated anew every epoch, or a sequence) defaults to every row in
+    order; the last batch may be short, as a ``DataLoader``'s.
     """
 
     def __init__(
@@ -248,13 +246,13 @@ class CacheLoader:
         split: CachedSplit,
         *,
         batch_size: int,
-        indices: Iterable[int] | None = None,
+        indices: Sampler[int] | Sequence[int] | None = None,
         threads: int = 0,
         pin_memory: bool = False,
         prefetch_per_thread: int = 2,
     ) -> None:
-        self.rows = torch.from_numpy(split.images).unsqueeze(1)
-        self.targets = torch.from_numpy(split.targets.astype(np.float32))
+        self.images = np.asarray(split.images)  # the map as a plain read-only array, no copy
+        self.targets = split.targets.astype(np.float32)
         rows = indices if indices is not None else range(len(self.targets))
         self.batches = BatchSampler(rows, batch_size, drop_last=False)
         self.threads, self.pin_memory = threads, pin_memory
@@ -264,13 +262,16 @@ class CacheLoader:
         return len(self.batches)
 
     def read(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(indices)
-        pixels = torch.empty(
-            (len(index), *self.rows.shape[1:]), dtype=torch.uint8, pin_memory=self.pin_memory
-        )
-        torch.index_select(self.rows, 0, index, out=pixels)
-        targets = self.targets[index]
-        return pixels, targets.pin_memory() if self.pin_memory else targets
+        # numpy's gather releases the GIL while it copies, runs on the calling thread alone
+        # (torch's would start a thread team per loader thread) and leaves its new buffer
+        # unfilled, where torch.empty fills it under deterministic algorithms. pin_memory()
+        # copies into page-locked memory, which the caching host allocator hands out again
+        # only once the batch's copy to the GPU has finished.
+        pixels = torch.from_numpy(np.take(self.images, indices, axis=0)).unsqueeze(1)
+        targets = torch.from_numpy(self.targets[indices])
+        if self.pin_memory:
+            return pixels.pin_memory(), targets.pin_memory()
+        return pixels, targets
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if not self.threads:

@@ -2,8 +2,8 @@
 
 DVC deletes a stage's outputs before running it, so the state lives outside them, in
 ``<repository>/.pneumo/resume/``. Its name carries a hash of the params that determine the
-training, the data hash, the backbone, the code of the package and the torch version: a state
-written under anything else is never resumed.
+training, the data hash, the backbone, the kind of device, the number of processes, the code
+of the package and the torch version: a state written under anything else is never resumed.
 """
 
 from __future__ import annotations
@@ -34,18 +34,25 @@ def code_version() -> str:
     return digest.hexdigest()
 
 
-def run_key(params: Params, backbone: str, data_hash: str) -> str:
-    # What a training run depends on; not the study's other sections (backbones, compare,
-    # registry, tracking), whether to resume, or the loader threads (they change no batch).
+def run_key(
+    params: Params, backbone: str, data_hash: str, device_type: str, world_size: int
+) -> str:
+    # What a training run depends on: the recipe, the cache's content (data_hash, so not the
+    # data section's paths and limits), the kind of device and the number of processes. Not
+    # the study's other sections, whether to resume, the device as written (`auto` may be
+    # `cuda`) nor the loader threads, which change no batch.
     determining = params.model_dump(
         mode="json",
         include={
-            "seed": True, "data": True, "model": True, "loss": True, "augment": True,
-            "train": True, "evaluate": {"batch_size"},
+            "seed": True, "model": True, "loss": True, "augment": True, "train": True,
+            "evaluate": {"batch_size"},
         },
-        exclude={"train": {"resume", "num_workers"}},
+        exclude={"train": {"resume", "num_workers", "device", "nproc"}},
     )  # fmt: skip
-    blob = json.dumps([determining, backbone, data_hash, code_version()], sort_keys=True)
+    blob = json.dumps(
+        [determining, backbone, data_hash, device_type, world_size, code_version()],
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -191,7 +191,7 @@ def predict_logits(
     for pixels, target in loader:
         with precision.autocast(device):
             logits.append(model(precision.to_input(pixels, device)).float())
-        targets.append(target.to(device))
+        targets.append(target.to(device, non_blocking=True))
     return torch.cat(logits), torch.cat(targets)
 
 
@@ -403,7 +403,9 @@ def train(
     try:
         data_hash = cache_fingerprint(cache_dir)
         state_path = resume.state_file(
-            tracking.repo_root(), backbone, resume.run_key(params, backbone, data_hash)
+            tracking.repo_root(),
+            backbone,
+            resume.run_key(params, backbone, data_hash, device.type, world.size),
         )
         if not world.is_main:
             fit(params, backbone, cache_dir, device, world=world, state_path=state_path)
