@@ -385,15 +385,15 @@ def measure_training(args, raw, root, device, sampler, results, attempt, deadlin
     first = [
         ("resnet50", {"amp": "fp16"}),
         ("resnet50", {"amp": "bf16"}),
-        ("resnet50", {"amp": "fp16", "optimizer": "foreach"}),  # the loop before fusing
         ("resnet50", {"amp": "bf16", "deterministic": True}),
         ("densenet121", {"amp": "bf16"}),
         ("efficientnet-b4", {"amp": "bf16"}),
     ]
     later = [
+        ("resnet50", {"amp": "bf16", "compile": True}),
         ("densenet121", {"amp": "fp16"}),
         ("efficientnet-b4", {"amp": "fp16"}),
-        ("resnet50", {"amp": "bf16", "compile": True}),
+        ("resnet50", {"amp": "fp16", "optimizer": "foreach"}),  # the loop before fusing
     ]
     if args.quick:
         first, later = first[:1], []

@@ -262,16 +262,17 @@ class CacheLoader:
         return len(self.batches)
 
     def read(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        # numpy's gather releases the GIL while it copies, runs on the calling thread alone
-        # (torch's would start a thread team per loader thread) and leaves its new buffer
-        # unfilled, where torch.empty fills it under deterministic algorithms. pin_memory()
-        # copies into page-locked memory, which the caching host allocator hands out again
+        # numpy gathers on the calling thread alone and releases the GIL while it copies; a
+        # torch copy or gather of this size would start a thread team in every loader thread.
+        # Page-locked buffers come from the caching host allocator, which hands one out again
         # only once the batch's copy to the GPU has finished.
-        pixels = torch.from_numpy(np.take(self.images, indices, axis=0)).unsqueeze(1)
+        pixels = torch.empty(
+            (len(indices), 1, *self.images.shape[1:]), dtype=torch.uint8,
+            pin_memory=self.pin_memory,
+        )  # fmt: skip
+        np.take(self.images, indices, axis=0, out=pixels.numpy()[:, 0])
         targets = torch.from_numpy(self.targets[indices])
-        if self.pin_memory:
-            return pixels.pin_memory(), targets.pin_memory()
-        return pixels, targets
+        return pixels, targets.pin_memory() if self.pin_memory else targets
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if not self.threads:

@@ -66,6 +66,10 @@ def use_deterministic_kernels(deterministic: bool) -> None:
     """Deterministic kernels make CPU runs repeat exactly; on a GPU they cost speed, and
     ``train.deterministic: false`` lets cuDNN pick the fastest convolution algorithms."""
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    # Deterministic mode would also fill every new tensor before use (torch.empty included):
+    # a guard against operations that read memory nobody wrote, which none here does; PyTorch
+    # documents turning it off as still deterministic for such programs.
+    torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.benchmark = not deterministic
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
