@@ -372,7 +372,8 @@ def test_a_state_from_other_settings_is_never_resumed(project_copy):
         ({"data": {"local_path": "elsewhere.zip"}}, True),  # the data hash decides
         ({"train": {"num_workers": 3}}, True),
         ({"train": {"resume": False}}, True),
-        ({"train": {"device": "cpu"}}, True),  # as resolved: cpu either way here
+        ({"train": {"device": "cpu"}}, True),  # the resolved device type is what counts
+        ({"train": {"nproc": 2}}, True),  # and the actual number of processes
         ({"evaluate": {"tta": ["identity"]}}, True),
         ({"train": {"lr": 0.002}}, False),
         ({"evaluate": {"batch_size": 8}}, False),

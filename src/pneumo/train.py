@@ -97,7 +97,9 @@ class Precision:
         return cls(dtype, config.channels_last)
 
     def to_input(self, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
-        pixels = pixels.to(device, non_blocking=True)
+        # Asynchronous only from page-locked memory: from pageable memory the host may reuse
+        # the source before the copy has read it (reported on mps).
+        pixels = pixels.to(device, non_blocking=pixels.is_pinned())
         return (
             pixels.contiguous(memory_format=torch.channels_last) if self.channels_last else pixels
         )
@@ -165,7 +167,8 @@ def train_one_epoch(
         if batch is None:
             break
         pixels, targets = batch
-        pixels, targets = precision.to_input(pixels, device), targets.to(device, non_blocking=True)
+        pixels = precision.to_input(pixels, device)
+        targets = targets.to(device, non_blocking=targets.is_pinned())
         loss = train_step(model, pixels, targets, loss_fn, optimizer, precision, scaler, augment)
         total += loss.detach() * len(targets)
         seen += len(targets)
@@ -195,7 +198,7 @@ def predict_logits(
     for pixels, target in loader:
         with precision.autocast(device):
             logits.append(model(precision.to_input(pixels, device)).float())
-        targets.append(target.to(device, non_blocking=True))
+        targets.append(target.to(device, non_blocking=target.is_pinned()))
     return torch.cat(logits), torch.cat(targets)
 
 
