@@ -20,6 +20,7 @@ from torch.utils.data import BatchSampler, DistributedSampler, Sampler
 
 from pneumo import paths
 from pneumo.config import AugmentConfig
+from pneumo.devices import to_device
 from pneumo.errors import UserError
 
 
@@ -157,7 +158,7 @@ class BatchAugmentation(nn.Module):
         params = self.draw(n)
         if pixels.is_cuda:
             params = params.pin_memory()
-        params = params.to(pixels.device, non_blocking=True)
+        params = to_device(params, pixels.device)
         x = pixels.float() / 255.0
         if self.geometric:
             grid = F.affine_grid(params[:, :6].view(n, 2, 3), list(x.shape), align_corners=False)

@@ -1,4 +1,5 @@
-"""Choosing the torch device from a setting such as ``train.device`` or ``--device``."""
+"""Choosing the torch device from a setting such as ``train.device`` or ``--device``, and
+copying to it."""
 
 from __future__ import annotations
 
@@ -33,3 +34,9 @@ def resolve_device(
     if choice != "cpu":
         raise UserError(f"{setting} must be auto, cpu, cuda, cuda:N or mps, not {choice!r}")
     return torch.device(choice)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Asynchronous only from page-locked memory: from pageable memory the host may reuse the
+    source before the copy has read it (reported on mps)."""
+    return tensor.to(device, non_blocking=tensor.is_pinned())

@@ -37,7 +37,7 @@ from pneumo.data import (
     resolve_loader_threads,
     train_sampler,
 )
-from pneumo.devices import resolve_device
+from pneumo.devices import resolve_device, to_device
 from pneumo.distributed import SINGLE, World
 from pneumo.errors import UserError
 from pneumo.files import staged_dir, write_text_atomic
@@ -97,9 +97,7 @@ class Precision:
         return cls(dtype, config.channels_last)
 
     def to_input(self, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
-        # Asynchronous only from page-locked memory: from pageable memory the host may reuse
-        # the source before the copy has read it (reported on mps).
-        pixels = pixels.to(device, non_blocking=pixels.is_pinned())
+        pixels = to_device(pixels, device)
         return (
             pixels.contiguous(memory_format=torch.channels_last) if self.channels_last else pixels
         )
@@ -168,7 +166,7 @@ def train_one_epoch(
             break
         pixels, targets = batch
         pixels = precision.to_input(pixels, device)
-        targets = targets.to(device, non_blocking=targets.is_pinned())
+        targets = to_device(targets, device)
         loss = train_step(model, pixels, targets, loss_fn, optimizer, precision, scaler, augment)
         total += loss.detach() * len(targets)
         seen += len(targets)
@@ -198,7 +196,7 @@ def predict_logits(
     for pixels, target in loader:
         with precision.autocast(device):
             logits.append(model(precision.to_input(pixels, device)).float())
-        targets.append(target.to(device, non_blocking=target.is_pinned()))
+        targets.append(to_device(target, device))
     return torch.cat(logits), torch.cat(targets)
 
 
