@@ -94,10 +94,11 @@ def step_breakdown(raw: dict, device, size: int, batch_size: int, sampler, out: 
     from pneumo.data import BatchAugmentation
     from pneumo.losses import build_loss
     from pneumo.models import build_model
-    from pneumo.train import Precision, train_step, use_deterministic_kernels
+    from pneumo.platforms import use_kernels
+    from pneumo.train import Precision, train_step
 
     params = parse_params(raw)
-    use_deterministic_kernels(False)
+    use_kernels(False)
     net = build_model("resnet50", dropout=params.model.dropout).to(device)
     net = net.to(memory_format=torch.channels_last)
     augment = BatchAugmentation(params.augment).to(device)

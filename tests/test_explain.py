@@ -9,7 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from pneumo.explain import MIN_SIDE, explanation_png, feature_sides, grad_cam, target_layer
+from pneumo.explain import (
+    MIN_SIDE,
+    explanation_png,
+    feature_sides,
+    grad_cam,
+    pointing_game,
+    target_layer,
+    within_reach,
+)
 from pneumo.models import PneumoniaNet, build_model
 from pneumo.phantoms import phantom
 
@@ -205,3 +213,43 @@ def test_the_explanation_png_shows_image_and_heatmap_at_a_readable_size(tmp_path
     colourful = (rgb.max(axis=2) - rgb.min(axis=2)) > 100  # the jet heatmap and colour bar
     gray_levels = len(np.unique(rgb[rgb.std(axis=2) == 0]))  # the plain image, among others
     assert colourful.mean() > 0.05 and gray_levels > 50
+
+
+def test_the_pointing_game_counts_peaks_on_or_near_the_lesion():
+    masks = np.zeros((3, 12, 12), dtype=bool)
+    masks[:, 4:6, 4:6] = True  # a 2 x 2 lesion in each image
+    cams = np.zeros((3, 12, 12), dtype=np.float32)
+    cams[0, 5, 5] = 1.0  # on the lesion
+    cams[1, 5, 8] = 1.0  # three pixels to its right
+    cams[2, 11, 11] = 1.0  # in the far corner
+    assert pointing_game(cams, masks).tolist() == [True, False, False]
+    assert pointing_game(cams, masks, tolerance=3.0).tolist() == [True, True, False]
+    assert pointing_game(cams, masks, tolerance=2.9).tolist() == [True, False, False]
+    # chance: the share of the image within reach of the lesion
+    assert within_reach(masks, 0.0).mean() == 4 / 144
+    assert within_reach(masks, 1.0)[0].sum() == 4 + 8  # a pixel more on every side
+
+
+def test_sample_lesion_masks_belong_to_the_images_written_under_those_names():
+    from pneumo.config import SampleConfig, SplitCounts
+    from pneumo.fetch import sample_entries, sample_lesion_masks
+    from pneumo.images import decode_grayscale
+    from pneumo.phantoms import phantom_with_lesion
+
+    config = SampleConfig(
+        train=SplitCounts(normal=2, pneumonia=2), val=SplitCounts(normal=1, pneumonia=1),
+        test=SplitCounts(normal=3, pneumonia=6), image_size=64,
+    )  # fmt: skip
+    masks = sample_lesion_masks(config, seed=5, split="test")
+    entries = list(sample_entries(config, seed=5))
+    sick = {i: e for i, e in enumerate(entries) if e.split == "test" and e.label == "PNEUMONIA"}
+    assert sorted(masks) == sorted(f"test/PNEUMONIA/{e.name}" for e in sick.values())
+    for index, entry in sick.items():
+        pixels, lesion = phantom_with_lesion(5, index, 64, pneumonia=True)
+        written = decode_grayscale(entry.read()).astype(int)
+        neighbour = phantom_with_lesion(5, index + 1, 64, pneumonia=True)[0]
+        # the same image up to JPEG's losses, far closer than the next one generated
+        assert np.abs(written - pixels).mean() * 3 < np.abs(written - neighbour).mean()
+        assert np.array_equal(masks[f"test/PNEUMONIA/{entry.name}"], lesion)
+        assert 0 < lesion.mean() < 0.3
+    assert not phantom_with_lesion(5, 0, 64, pneumonia=False)[1].any()

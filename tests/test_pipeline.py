@@ -20,6 +20,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from tests.bands import outside_bands, seed_spread_bands
 from tests.conftest import REPO_ROOT, copy_repository, run_tool, tool_env
 
 pytestmark = pytest.mark.slow
@@ -41,13 +42,25 @@ def reproduced(repo_copy: Path) -> tuple[Path, str]:
     return repo_copy, run_tool("dvc", "repro", cwd=repo_copy)
 
 
+def _same_platform(root: Path) -> bool:
+    """Whether the fresh results come from the platform the committed ones were made on
+    (pneumo.platforms.describe: CPU, instruction set, kernels, threads, library versions)."""
+    committed, fresh = (
+        json.loads((folder / "reports/comparison.json").read_text())["platforms"]
+        for folder in (REPO_ROOT, root)
+    )
+    return fresh == committed
+
+
 def test_repro_runs_every_stage_and_leaves_nothing_to_do(reproduced):
     root, output = reproduced
     # `validate` has nothing to do in a fresh copy: its output, the checked params, is
-    # committed and matches params.yaml; every stage below it runs. `readme` has nothing to
-    # do either: `compare` writes the committed comparison.json again, byte for byte.
+    # committed and matches params.yaml; every stage below it runs. On the committed platform
+    # `readme` has nothing to do either: `compare` writes the committed comparison.json again,
+    # byte for byte; elsewhere its numbers and platform line differ, within the bands.
     assert "Stage 'validate' didn't change, skipping" in output
-    assert "Stage 'readme' didn't change, skipping" in output
+    if _same_platform(root):
+        assert "Stage 'readme' didn't change, skipping" in output
     assert _ran_stages(output) >= {
         "fetch", "preprocess",
         "train@densenet121", "train@resnet50", "train@efficientnet-b4",
@@ -63,8 +76,16 @@ def test_repro_runs_every_stage_and_leaves_nothing_to_do(reproduced):
 
 
 def test_repro_reproduces_the_committed_results(reproduced):
-    """Same code, params and seed on the CPU: every committed file comes out again."""
+    """Same code, params and seed. On the committed platform every committed file comes out
+    again, byte for byte; on another one the tables hold within the measured bands."""
     root, _ = reproduced
+    if not _same_platform(root):
+        committed, fresh = (
+            json.loads((folder / "reports/comparison.json").read_text())
+            for folder in (REPO_ROOT, root)
+        )
+        assert outside_bands(committed, fresh, seed_spread_bands()) == []
+        return
     for file in ("reports/comparison.json", "README.md"):
         assert (root / file).read_text() == (REPO_ROOT / file).read_text(), file
     assert run_tool("git", "status", "--porcelain", cwd=root) == ""
@@ -79,17 +100,30 @@ def test_registry_promote_and_predict(reproduced):
     challenger = client.get_model_version_by_alias("pneumo-classifier", "challenger")
     best = json.loads((root / "reports/comparison.json").read_text())["best"]
     assert challenger.tags["backbone"] == best
-    # The sample's best model (validation AUC 0.79 on 54 images) is below the default floor.
-    refused = run_tool("pneumo", "promote", cwd=root, status=1)
-    assert "is below registry.min_val_auc 0.8" in refused and "Traceback" not in refused
-    assert "forced despite" in run_tool("pneumo", "promote", "--force", cwd=root)
+    # The sample's best model learned (validation AUC above 0.95): it passes the gate's floor.
+    promoted = run_tool("pneumo", "promote", cwd=root)
+    assert f"version {challenger.version} promoted to @champion" in promoted
     history = run_tool("pneumo", "promote", "--history", cwd=root).strip().splitlines()
-    assert [line.split()[2] for line in history[-2:]] == ["refused", "forced"]
+    assert [line.split()[2] for line in history] == ["promoted"]
     images = sorted((root / "data/raw/test/PNEUMONIA").iterdir())[:3]
     output = run_tool("pneumo", "predict", *map(str, images), cwd=root)
     lines = output.strip().splitlines()
     assert lines[-4] == "file,probability,label,error"
     assert all(re.search(r",0\.\d+,(NORMAL|PNEUMONIA),$", line) for line in lines[-3:])
+
+
+def test_the_heatmaps_point_at_the_lesions(reproduced):
+    """The pointing game on the sample's PNEUMONIA test phantoms, whose lesions the generator
+    knows: every backbone's Grad-CAM peak lands near the lesion far more often than chance.
+    On the committed platform (README) the champion, DenseNet121, hits 0.59 against a chance
+    of 0.20; the floor asked here holds for every backbone, so another platform's champion
+    passes too."""
+    root, _ = reproduced
+    result = json.loads(run_tool(sys.executable, "scripts/pointing_game.py", cwd=root))
+    assert result["images"] == 100 and result["champion"] in result["models"]
+    assert set(result["models"]) == set(BACKBONES)
+    for backbone, hits in result["models"].items():
+        assert hits["hit_rate"] >= 1.5 * result["chance"], (backbone, result)
 
 
 def test_plots_render_offline(reproduced):

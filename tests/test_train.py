@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -19,6 +20,8 @@ from pneumo.train import (
     Precision,
     TrainingDivergedError,
     fit,
+    precise_bn_rows,
+    recompute_batchnorm_statistics,
     train_one_epoch,
 )
 from tests.conftest import TINY_PARAMS, run_cli
@@ -30,6 +33,7 @@ def test_outputs_of_the_train_stage(tiny_project):
     assert meta["backbone"] == "resnet50" and meta["class_names"] == ["NORMAL", "PNEUMONIA"]
     assert meta["image_size"] == 32 and meta["normalisation"]["mean"] == [0.5, 0.5, 0.5]
     assert 1 <= meta["best_epoch"] <= 2 and meta["params"]["loss"]["name"] == "focal"
+    assert meta["platform"]["kernels"] == "native" and meta["platform"]["threads"] >= 1
     state = torch.load(model_dir / "model.pt", weights_only=True)
     assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
     model, _ = load_network(model_dir)
@@ -145,3 +149,33 @@ def test_an_unknown_backbone_is_refused_with_the_known_names(in_tmp):
     result = run_cli("train", "resnet18", params={})
     assert result.exit_code == 1 and "unknown backbone 'resnet18'" in result.output
     assert "densenet121" in result.output
+
+
+def test_precise_batchnorm_recomputes_statistics_from_the_current_weights():
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3)
+            self.norm = torch.nn.BatchNorm2d(4)
+            self.drop = torch.nn.Dropout(0.5)
+
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+            return self.drop(self.norm(self.conv(pixels.float())))
+
+    torch.manual_seed(0)
+    images = np.random.default_rng(0).integers(0, 256, (12, 8, 8), dtype=np.uint8)
+    split = CachedSplit(images=images, targets=np.zeros(12, np.int64), manifest=pd.DataFrame())
+    net = Net()
+    net.norm.running_mean.fill_(5.0)  # stale statistics from earlier weights
+    rows = precise_bn_rows(split.targets, 100)
+    assert rows == list(range(12))
+    random_state = torch.get_rng_state()
+    recompute_batchnorm_statistics(
+        net, CacheLoader(split, batch_size=12, indices=rows), torch.device("cpu")
+    )
+    features = net.conv(torch.from_numpy(images).unsqueeze(1).float()).detach()
+    assert torch.allclose(net.norm.running_mean, features.mean((0, 2, 3)), atol=1e-4)
+    assert torch.allclose(net.norm.running_var, features.var((0, 2, 3)), rtol=1e-3)
+    assert net.norm.momentum == 0.1 and not net.training  # as it was, in eval mode
+    assert torch.equal(torch.get_rng_state(), random_state)  # dropout stayed off
+    assert precise_bn_rows(np.zeros(10), 4) == [0, 3, 6, 9]  # spread over the split

@@ -189,6 +189,9 @@ def train(ctx: click.Context, backbone: str) -> None:
             "--params", str(ctx.obj["params"]), "train", backbone,
         ]  # fmt: skip
         ctx.exit(_run_forwarding_sigterm(launch))
+    from pneumo.platforms import prepare_kernels
+
+    prepare_kernels(params.train.deterministic)  # before torch loads
     from pneumo.train import train as run_train
 
     run_train(
@@ -210,6 +213,9 @@ def evaluate(ctx: click.Context, backbone: str) -> None:
     """Evaluate BACKBONE with TTA; writes reports/eval/BACKBONE and the model folder
     models/BACKBONE."""
     params = _params(ctx)
+    from pneumo.platforms import prepare_kernels
+
+    prepare_kernels(params.train.deterministic)  # before torch loads
     from pneumo.evaluate import evaluate as run_evaluate
 
     run_evaluate(

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pneumo import paths
+from pneumo import paths, platforms
 from pneumo.config import Params, selected_metric
 from pneumo.errors import UserError
 from pneumo.files import write_text_atomic
@@ -127,6 +127,9 @@ def compare(params: Params, backbones: list[str]) -> Comparison:
         tta_views=list(params.evaluate.tta),
         n_test=int(len(y_test)),
         n_val=int(len(y_val)),
+        platforms=platforms.distinct(
+            [described for record, _, _ in loaded.values() for described in record.platforms]
+        ),
         settings={
             "image_size": params.data.image_size,
             "epochs": params.train.epochs,
@@ -156,6 +159,8 @@ def render_table(result: Comparison) -> str:
     header = " | ".join(TABLE_METRICS)
     lines = [
         f"Data: {result.data}. Test images: {result.n_test}, validation images: {result.n_val}.",
+        "",
+        "Platform: " + "; ".join(map(platforms.summary, result.platforms)) + ".",
         "",
         f"Settings: {settings['image_size']} px, {settings['epochs']} epochs, "
         f"{settings['loss']} loss, {init}, "

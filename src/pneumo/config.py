@@ -209,12 +209,13 @@ class TrainConfig(Section):
     weight_decay: Annotated[Real, Field(ge=0.0)] = 1e-4
     scheduler: Literal["cosine", "plateau", "none"] = "cosine"
     patience: PositiveInt = 3
+    precise_bn: Annotated[Int, Field(ge=0)] = 256  # training images; 0: running averages
     weighted_sampler: StrictBool = True
     device: str = "auto"
     amp: Literal["fp16", "bf16", "off"] = "fp16"
     channels_last: StrictBool = True
     compile: StrictBool = False
-    deterministic: StrictBool = True
+    deterministic: StrictBool | Literal["portable"] = True  # portable: pneumo.platforms
     num_workers: Literal["auto"] | Annotated[Int, Field(ge=0)] = "auto"
     resume: StrictBool = True
     nproc: PositiveInt = 1

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pneumo import tracking
+from pneumo import platforms, tracking
 from pneumo.config import CLASS_NAMES, EvaluateConfig, Params
 from pneumo.data import CachedSplit
 from pneumo.devices import resolve_device
@@ -180,11 +180,16 @@ def evaluate(
     and assemble the model folder: the checkpoint with the settings chosen here."""
     cfg = params.evaluate
     device = resolve_device(params.train.device)
+    platforms.use_kernels(params.train.deterministic)
     model, card = load_network(checkpoint_dir)
     model.to(device)
     splits = {name: CachedSplit.load(cache_dir, name) for name in ("val", "test")}
     assessed, per_view, threshold = assess(model, splits, cfg, device)
-    record = Evaluation(backbone=backbone, **assessed, data_hash=card.data_hash)
+    evaluated_on = platforms.describe(device)
+    record = Evaluation(
+        backbone=backbone, **assessed, data_hash=card.data_hash,
+        platforms=platforms.distinct([card.platform, evaluated_on]),
+    )  # fmt: skip
     write_model_folder(checkpoint_dir, model_dir, record)
     test_metrics, val_metrics, no_tta = record.test, record.val, record.test_no_tta
 

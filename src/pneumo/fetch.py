@@ -41,7 +41,7 @@ from pneumo.errors import UserError
 from pneumo.files import staged_dir
 from pneumo.images import IMAGE_SUFFIXES, dicom_header, is_dicom
 from pneumo.paths import SPLITS
-from pneumo.phantoms import phantom
+from pneumo.phantoms import phantom, phantom_with_lesion
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,21 @@ def sample_entries(config: SampleConfig, seed: int) -> Iterator[Entry]:
                     yield Entry(split, label, name, _encoder(seed, index, config.image_size, label))
                     index += 1
                 made += images
+
+
+def sample_lesion_masks(config: SampleConfig, seed: int, split: str) -> dict[str, np.ndarray]:
+    """Where the signs lie in each PNEUMONIA image of ``split`` of the generated sample, as
+    boolean masks at the generated size, by path under data/raw
+    (``test/PNEUMONIA/person3_bacteria_7.jpeg``): the ground truth a heatmap should point into.
+    Image ``index`` is the entry's position in :func:`sample_entries`, as when it was written.
+    """
+    return {
+        f"{entry.split}/{entry.label}/{entry.name}": phantom_with_lesion(
+            seed, index, config.image_size, pneumonia=True
+        )[1]
+        for index, entry in enumerate(sample_entries(config, seed))
+        if entry.split == split and entry.label == CLASS_NAMES[1]
+    }
 
 
 def _encoder(seed: int, index: int, size: int, label: str) -> Callable[[], bytes]:

@@ -4,9 +4,12 @@ The phantoms are drawn in a normalised frame (x, y in [-1, 1], y pointing down) 
 anatomical shapes: a soft-tissue body, two dark lung fields, the mediastinum and heart shadow,
 the spine, ribs and the diaphragm domes. Exposure, contrast, position and noise vary between
 images. PNEUMONIA images add one or more radiological signs at random places and strengths:
-lobar consolidation, patchy infiltrates, air bronchograms inside the opacity and a pleural
-effusion blunting a costophrenic angle. Some signs are faint on purpose, so the task is
-learnable but not trivial.
+a lobar consolidation, with patchy infiltrates, air bronchograms inside the opacity or a
+pleural effusion blunting a costophrenic angle besides. The signs are plain to see (they add
+0.4-0.7 of full brightness inside a lung), so that the sample's short CPU runs learn them:
+three epochs at 48 px from scratch reach test AUCs above 0.95 with every backbone. The sample
+shows that the pipeline learns and where its heatmaps point (each phantom knows its lesion,
+:func:`phantom_with_lesion`), not how hard real radiographs are.
 
 Pure numpy: each image is a function of (seed, index), so generation is order independent
 and reproducible byte for byte once encoded.
@@ -87,22 +90,19 @@ def _branches(f: Frame, rng: np.random.Generator, cx: float, cy: float, reach: f
 def _pneumonia_signs(
     f: Frame, rng: np.random.Generator, lungs: tuple[np.ndarray, np.ndarray], strength: float
 ) -> np.ndarray:
-    """Extra opacity (0..1) inside the lungs; at least one sign is always present."""
+    """Extra opacity (0..1) inside the lungs: a lobar consolidation, and sometimes air
+    bronchograms in it, patchy infiltrates or an effusion."""
     opacity = np.zeros_like(f.x)
-    signs = rng.random(4) < (0.75, 0.5, 0.4, 0.25)
-    if not signs.any():
-        signs[rng.integers(0, 2)] = True
-    lobar, patchy, bronchograms, effusion = signs
+    patchy, bronchograms, effusion = rng.random(3) < (0.5, 0.4, 0.25)
     side = int(rng.integers(0, 2))
     lung = lungs[side]
     cx = (-1.0 if side == 0 else 1.0) * rng.uniform(0.28, 0.45)
     cy = rng.uniform(-0.35, 0.3)
-    if lobar:
-        region = _blob(f, cx, cy, rng.uniform(0.15, 0.25), rng.uniform(0.18, 0.35))
-        consolidation = np.clip(region * 1.6, 0.0, 1.0) * lung
-        if bronchograms:
-            consolidation *= 1.0 - 0.7 * _branches(f, rng, cx, cy, 0.22)
-        opacity += strength * consolidation
+    region = _blob(f, cx, cy, rng.uniform(0.15, 0.25), rng.uniform(0.18, 0.35))
+    consolidation = np.clip(region * 1.6, 0.0, 1.0) * lung
+    if bronchograms:
+        consolidation *= 1.0 - 0.7 * _branches(f, rng, cx, cy, 0.22)
+    opacity += strength * consolidation
     if patchy:
         for _ in range(rng.integers(3, 9)):
             s = int(rng.integers(0, 2))
@@ -118,8 +118,21 @@ def _pneumonia_signs(
     return np.clip(opacity, 0.0, 1.0)
 
 
+# A pixel belongs to the lesion where the signs add more than this to its brightness (0..1):
+# about 13 of 255 grey levels, a difference people see.
+LESION_CONTRAST = 0.05
+
+
 def phantom(seed: int, index: int, size: int, pneumonia: bool) -> np.ndarray:
     """One radiograph as a uint8 (size, size) array; the same arguments give the same image."""
+    return phantom_with_lesion(seed, index, size, pneumonia)[0]
+
+
+def phantom_with_lesion(
+    seed: int, index: int, size: int, pneumonia: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The radiograph and a boolean (size, size) mask of where its signs of pneumonia lie
+    (all False for NORMAL): the ground truth that a heatmap should point into."""
     rng = np.random.default_rng([seed, index, int(pneumonia)])
     f = _frame(size, rng)
     body = _ellipse(f, 0.0, 0.15, rng.uniform(0.8, 0.92), 1.15, 0.08)
@@ -133,12 +146,14 @@ def phantom(seed: int, index: int, size: int, pneumonia: bool) -> np.ndarray:
     image += 0.12 * _ribs(f, rng) * body
     image += 0.2 * np.maximum(heart, 0.6 * spine) * body
     image += 0.05 * _blob(f, 0.0, -0.05, 0.15, 0.4) * lungs  # hilar vessels
+    signs = np.zeros_like(image)
     if pneumonia:
-        strength = rng.choice([rng.uniform(0.12, 0.22), rng.uniform(0.25, 0.5)], p=[0.2, 0.8])
-        image += 0.85 * _pneumonia_signs(f, rng, (right, left), strength)
+        strength = rng.uniform(0.5, 0.8)
+        signs = 0.85 * _pneumonia_signs(f, rng, (right, left), strength)
+        image += signs
 
     gamma = rng.uniform(0.85, 1.15)
     contrast = rng.uniform(0.9, 1.1)
     image = np.clip(image, 0.0, 1.0) ** gamma * contrast + rng.uniform(-0.05, 0.05)
     image += rng.normal(0.0, rng.uniform(0.01, 0.035), image.shape)
-    return (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    return (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8), signs > LESION_CONTRAST

@@ -73,6 +73,9 @@ class ModelCard(Record):
     best_epoch: int
     data_hash: str
     params: dict[str, Any]
+    # Where it was trained (pneumo.platforms.describe): the weights repeat bit for bit on an
+    # equal platform. Empty in cards written before it was recorded.
+    platform: dict[str, Any] = {}
 
     @classmethod
     def weights(cls, folder: Path) -> Path:
@@ -130,6 +133,7 @@ class Evaluation(Record):
     n_test: int
     n_val: int
     data_hash: str
+    platforms: list[dict[str, Any]]  # the training's and, if another, the evaluation's
 
     @classmethod
     def predictions(cls, folder: Path, split: str) -> Path:
@@ -151,6 +155,7 @@ class Comparison(Record):
     n_test: int
     n_val: int
     settings: dict[str, Any]
+    platforms: list[dict[str, Any]]  # every platform that trained or evaluated a model here
     best: str
     ranking: list[str]
     rows: dict[str, dict[str, Any]]
