@@ -6,8 +6,8 @@ For each seed, the repository's committed files are copied to a temporary folder
 set in its params.yaml and `dvc repro compare` runs there (fetch to compare; no registry). The
 seed draws the phantoms, the patient split, the initial weights, the sampler and the
 augmentation, so the spread is wider than what another CPU changes (the same data, other last
-bits of training): bands drawn from it are generous on purpose. Each metric's band is three
-standard deviations of its largest per-model spread, and at least ``FLOOR``.
+bits of training): bands drawn from it are generous on purpose. The band of each model's
+metric is three of its standard deviations over the seeds, and at least ``FLOOR``.
 tests/test_pipeline.py checks a fresh `dvc repro` against the committed tables with these bands
 when it runs on another platform than the one that made them.
 """
@@ -66,6 +66,27 @@ def run_seed(seed: int) -> dict[str, dict[str, float]]:
     }
 
 
+def summarise(runs: dict[str, dict[str, dict[str, float]]], command: str) -> dict:
+    """Mean, standard deviation and band of every checked metric of every model over the
+    seeds' ``runs`` ({seed: {model: {metric: value}}})."""
+    seeds = list(runs)
+    models = sorted(runs[seeds[0]])
+    keys = [f"{s}.{m}" for s, m in CHECKED]
+    values = {key: {m: [runs[s][m][key] for s in seeds] for m in models} for key in keys}
+    sd = {key: {m: float(np.std(v, ddof=1)) for m, v in values[key].items()} for key in keys}
+    mean = {key: {m: float(np.mean(v)) for m, v in values[key].items()} for key in keys}
+    bands = {key: {m: round(max(FLOOR, 3 * sd[key][m]), 3) for m in models} for key in keys}
+    return {
+        "command": command,
+        "what": "dvc repro compare on the generated sample with each seed; the band of a "
+        f"model's metric is max({FLOOR}, 3 x its standard deviation over the seeds)",
+        "runs": runs,
+        "mean": mean,
+        "sd": sd,
+        "bands": bands,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
@@ -75,25 +96,12 @@ def main() -> None:
     args = parser.parse_args()
     runs = {}
     for seed in args.seeds:
-        runs[seed] = run_seed(seed)
-        print(f"seed {seed}: {json.dumps(runs[seed])}", flush=True)
-    models = sorted(runs[args.seeds[0]])
-    keys = [f"{s}.{m}" for s, m in CHECKED]
-    values = {key: {m: [runs[s][m][key] for s in args.seeds] for m in models} for key in keys}
-    sd = {key: {m: float(np.std(v, ddof=1)) for m, v in values[key].items()} for key in keys}
-    mean = {key: {m: float(np.mean(v)) for m, v in values[key].items()} for key in keys}
-    bands = {key: round(max(FLOOR, 3 * max(sd[key].values())), 3) for key in keys}
-    result = {
-        "command": "python scripts/seed_spread.py --seeds " + " ".join(map(str, args.seeds)),
-        "what": "dvc repro compare on the generated sample with each seed; bands = max("
-        f"{FLOOR}, 3 x the largest per-model standard deviation)",
-        "runs": {str(seed): rows for seed, rows in runs.items()},
-        "mean": mean,
-        "sd": sd,
-        "bands": bands,
-    }
+        runs[str(seed)] = run_seed(seed)
+        print(f"seed {seed}: {json.dumps(runs[str(seed)])}", flush=True)
+    command = "python scripts/seed_spread.py --seeds " + " ".join(map(str, args.seeds))
+    result = summarise(runs, command)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(bands))
+    print(json.dumps(result["bands"]))
 
 
 if __name__ == "__main__":

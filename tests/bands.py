@@ -15,7 +15,8 @@ from tests.conftest import REPO_ROOT
 SEED_SPREAD = REPO_ROOT / "docs/results/seed-spread-sample.json"
 
 
-def seed_spread_bands() -> dict[str, float]:
+def seed_spread_bands() -> dict[str, dict[str, float]]:
+    """{metric: {model: band}}, e.g. ``bands["test.roc_auc"]["resnet50"]``."""
     return json.loads(SEED_SPREAD.read_text())["bands"]
 
 
@@ -25,7 +26,7 @@ def _value(row: dict, key: str) -> float:
     return cell["value"] if isinstance(cell, dict) else cell
 
 
-def outside_bands(committed: dict, fresh: dict, bands: dict[str, float]) -> list[str]:
+def outside_bands(committed: dict, fresh: dict, bands: dict[str, dict[str, float]]) -> list[str]:
     """What in ``fresh`` (a comparison.json) breaks the promise against ``committed``: a
     model missing, a metric further from its committed value than its band, or two models
     whose committed test AUC intervals do not overlap now in the other order."""
@@ -33,7 +34,8 @@ def outside_bands(committed: dict, fresh: dict, bands: dict[str, float]) -> list
     for name, row in committed["rows"].items():
         if name not in fresh["rows"]:
             continue
-        for key, band in bands.items():
+        for key, per_model in bands.items():
+            band = per_model[name]
             was, now = _value(row, key), _value(fresh["rows"][name], key)
             if abs(now - was) > band:
                 problems.append(f"{name} {key}: {now:.3f}, committed {was:.3f} ± {band}")

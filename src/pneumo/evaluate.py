@@ -185,10 +185,9 @@ def evaluate(
     model.to(device)
     splits = {name: CachedSplit.load(cache_dir, name) for name in ("val", "test")}
     assessed, per_view, threshold = assess(model, splits, cfg, device)
-    evaluated_on = platforms.describe(device)
     record = Evaluation(
         backbone=backbone, **assessed, data_hash=card.data_hash,
-        platforms=platforms.distinct([card.platform, evaluated_on]),
+        platforms=platforms.distinct([card.platform, platforms.describe(device)]),
     )  # fmt: skip
     write_model_folder(checkpoint_dir, model_dir, record)
     test_metrics, val_metrics, no_tta = record.test, record.val, record.test_no_tta

@@ -6,18 +6,19 @@ other bits: oneDNN (convolutions) and MKL (matrix products) pick kernels by inst
 threads changes the order of sums. Every model card and evaluation records the platform, so a
 result says where it holds bit for bit (see the README, "What reproducible means here").
 
-``train.deterministic: portable`` gives the same bits on every x86-64 CPU with AVX2 (measured
-on this project's machines by simulating the instruction sets, tests/test_platforms.py), at
-several times the CPU time of the native kernels (docs/benchmarks.md):
+``train.deterministic: portable`` gives the same bits under AVX2 and AVX-512 (measured by
+simulating the instruction sets on one CPU, tests/test_platforms.py), at several times the CPU
+time of the native kernels (docs/benchmarks.md):
 
-* oneDNN off: convolutions fall back to ATen's own im2col + matrix product;
+* oneDNN off: convolutions fall back to ATen's own im2col + matrix product, whose results did
+  not change between ATen's AVX2 and AVX-512 kernels (ResNet50, DenseNet121, EfficientNet-B0;
+  they do change without a vector unit, so AVX2 is required);
 * ``MKL_CBWR=AVX2``: MKL's conditional numerical reproducibility, its AVX2 code path on any
   CPU that has it;
-* ``ATEN_CPU_CAPABILITY=avx2``: ATen's vectorised kernels at AVX2 width on AVX-512 CPUs too;
-* a fixed number of threads (``PORTABLE_THREADS``).
+* a fixed number of threads (``PORTABLE_THREADS``): another count gave other weights.
 
-MKL and ATen read their variables once, when torch loads, so the choice must be made before
-that: ``pneumo train`` and ``pneumo evaluate`` make it before importing torch.
+MKL reads its variable once, when torch loads, so the choice must be made before that:
+``pneumo train`` and ``pneumo evaluate`` make it before importing torch.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 from pneumo.errors import UserError
 
 PORTABLE = "portable"
-PORTABLE_ENVIRONMENT = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+PORTABLE_ENVIRONMENT = {"MKL_CBWR": "AVX2"}
 PORTABLE_THREADS = 2
 
 
@@ -45,8 +46,8 @@ def _portable_environment_set() -> bool:
 
 
 def prepare_kernels(deterministic: bool | str) -> None:
-    """Called before torch is imported: for ``portable``, set the variables MKL and ATen read
-    when they load. Other settings need nothing before torch loads."""
+    """Called before torch is imported: for ``portable``, set the variable MKL reads when it
+    loads. Other settings need nothing before torch loads."""
     if deterministic != PORTABLE:
         return
     if platform.machine().lower() not in ("x86_64", "amd64"):

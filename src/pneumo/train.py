@@ -196,9 +196,9 @@ def recompute_batchnorm_statistics(
     """Precise BatchNorm: running means and variances recomputed with the current weights.
 
     During training the running statistics are an exponential average over batches taken
-    with weights that kept changing. In short runs from scratch (the generated sample: about
-    30 steps) they lag so far behind the final weights that eval-mode outputs shrink layer
-    after layer until every image gets the same score (EfficientNet-B4 first: test AUC 0.50).
+    with weights that kept changing. In short runs from scratch (the generated sample: 40
+    steps) they lag so far behind the final weights that eval-mode outputs shrink layer after
+    layer until every image gets the same score (EfficientNet-B4 first: test AUC 0.50).
     Here every BatchNorm layer forgets them and averages the batch statistics of ``loader``
     (unaugmented training images) with equal weights, while every other layer stays in eval
     mode (no dropout, no drop-connect), so no random number is drawn. Wu & Johnson,
