@@ -6,19 +6,21 @@ other bits: oneDNN (convolutions) and MKL (matrix products) pick kernels by inst
 threads changes the order of sums. Every model card and evaluation records the platform, so a
 result says where it holds bit for bit (see the README, "What reproducible means here").
 
-``train.deterministic: portable`` gives the same bits under AVX2 and AVX-512 (measured by
-simulating the instruction sets on one CPU, tests/test_platforms.py), at several times the CPU
-time of the native kernels (docs/benchmarks.md):
+``train.deterministic: portable`` pins what differs between x86-64 machines, so that an
+AVX-512 machine computes what an AVX2 machine does (tests/test_platforms.py trains under both
+instruction sets, simulated on one CPU), at several times the CPU time of the native kernels
+(docs/benchmarks.md):
 
-* oneDNN off: convolutions fall back to ATen's own im2col + matrix product, whose results did
-  not change between ATen's AVX2 and AVX-512 kernels (ResNet50, DenseNet121, EfficientNet-B0;
-  they do change without a vector unit, so AVX2 is required);
+* oneDNN off: convolutions fall back to ATen's own im2col + matrix product (oneDNN picks
+  kernels by instruction set and cache size);
+* ``ATEN_CPU_CAPABILITY=avx2``: ATen's vectorised kernels at AVX2 width everywhere (at
+  AVX-512 width a short training gave other weights; a CPU without AVX2 cannot follow);
 * ``MKL_CBWR=AVX2``: MKL's conditional numerical reproducibility, its AVX2 code path on any
   CPU that has it;
 * a fixed number of threads (``PORTABLE_THREADS``): another count gave other weights.
 
-MKL reads its variable once, when torch loads, so the choice must be made before that:
-``pneumo train`` and ``pneumo evaluate`` make it before importing torch.
+ATen and MKL read their variables once, when torch loads, so the choice must be made before
+that: ``pneumo train`` and ``pneumo evaluate`` make it before importing torch.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any
 from pneumo.errors import UserError
 
 PORTABLE = "portable"
-PORTABLE_ENVIRONMENT = {"MKL_CBWR": "AVX2"}
+PORTABLE_ENVIRONMENT = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 PORTABLE_THREADS = 2
 
 
@@ -46,8 +48,8 @@ def _portable_environment_set() -> bool:
 
 
 def prepare_kernels(deterministic: bool | str) -> None:
-    """Called before torch is imported: for ``portable``, set the variable MKL reads when it
-    loads. Other settings need nothing before torch loads."""
+    """Called before torch is imported: for ``portable``, set the variables ATen and MKL read
+    when they load. Other settings need nothing before torch loads."""
     if deterministic != PORTABLE:
         return
     if platform.machine().lower() not in ("x86_64", "amd64"):
