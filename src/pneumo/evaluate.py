@@ -180,7 +180,8 @@ def evaluate(
     and assemble the model folder: the checkpoint with the settings chosen here."""
     cfg = params.evaluate
     device = resolve_device(params.train.device)
-    platforms.use_kernels(params.train.deterministic)
+    if params.train.deterministic == platforms.PORTABLE:
+        platforms.pin_portable_kernels()
     model, card = load_network(checkpoint_dir)
     model.to(device)
     splits = {name: CachedSplit.load(cache_dir, name) for name in ("val", "test")}

@@ -80,12 +80,21 @@ def use_kernels(deterministic: bool | str) -> None:
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if deterministic == PORTABLE:
-        if not _portable_environment_set():
-            raise PortableKernelsError(
-                "train.deterministic: portable needs prepare_kernels() before torch loads"
-            )
-        torch.backends.mkldnn.enabled = False
-        torch.set_num_threads(PORTABLE_THREADS)
+        pin_portable_kernels()
+
+
+def pin_portable_kernels() -> None:
+    """The run-time half of the portable kernels (after :func:`prepare_kernels`): oneDNN off
+    and a fixed thread count. Evaluation calls it alone: it chooses no other kernel than the
+    model folder's users get from `pneumo predict`."""
+    import torch
+
+    if not _portable_environment_set():
+        raise PortableKernelsError(
+            "train.deterministic: portable needs prepare_kernels() before torch loads"
+        )
+    torch.backends.mkldnn.enabled = False
+    torch.set_num_threads(PORTABLE_THREADS)
 
 
 def _cpu_model() -> tuple[str, str]:
