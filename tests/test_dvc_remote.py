@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT, run_tool, tiny_repository
+from tests.conftest import BATCH_TOLERANCE, REPO_ROOT, run_tool, tiny_repository
 
 BIN = Path(sys.executable).parent
 GIT = ("git", "-c", "user.name=pneumo-tests", "-c", "user.email=tests@pneumo.invalid")
@@ -98,7 +98,7 @@ def test_push_then_pull_into_a_fresh_clone_leaves_nothing_to_do(tmp_path):
         ).read_bytes()
         probability = _predict(clone, backbone, image)
         evaluated = _evaluated_probability(root, backbone, image)  # the original's evaluation
-        assert probability == pytest.approx(evaluated, abs=1e-6), backbone
+        assert probability == pytest.approx(evaluated, abs=BATCH_TOLERANCE), backbone
     # and exactly what `pneumo predict` says in the original (one backbone: ~5 s a process)
     assert _predict(root, BACKBONES[0], image) == _predict(clone, BACKBONES[0], image)
 
@@ -112,4 +112,5 @@ def test_push_then_pull_into_a_fresh_clone_leaves_nothing_to_do(tmp_path):
     [backbone] = [b for b, v in record["versions"].items() if v == record["challenger"]]
     output = run_tool("pneumo", "predict", "--output", "json", image, cwd=clone)
     rows, _ = json.JSONDecoder().raw_decode(output, output.index("["))
-    assert rows[0]["probability"] == pytest.approx(_evaluated_probability(root, backbone, image))
+    evaluated = _evaluated_probability(root, backbone, image)
+    assert rows[0]["probability"] == pytest.approx(evaluated, abs=BATCH_TOLERANCE)

@@ -24,7 +24,7 @@ import yaml
 from packaging.requirements import Requirement
 
 from pneumo.inference import SHIPPED_MODULES, IntegrityError, sha256_of
-from tests.conftest import run_cli, tool_env
+from tests.conftest import BATCH_TOLERANCE, run_cli, tool_env
 
 NAME = "pneumo-classifier"
 CHAMPION = f"models:/{NAME}@champion"
@@ -253,7 +253,9 @@ def test_the_served_champion_answers_its_input_example_and_a_real_image(
     client = mlflow.MlflowClient(f"sqlite:///{registered / 'mlflow.db'}")
     backbone = client.get_model_version_by_alias(NAME, "champion").tags["backbone"]
     expected = pd.read_csv(registered / f"reports/eval/{backbone}/predictions.csv").iloc[1]
-    assert answer["predictions"][0]["probability"] == pytest.approx(expected.probability, abs=1e-6)
+    assert answer["predictions"][0]["probability"] == pytest.approx(
+        expected.probability, abs=BATCH_TOLERANCE
+    )
     assert answer["predictions"][0]["label"] == expected.predicted
 
 

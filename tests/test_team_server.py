@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import run_tool, tiny_repository, tool_env
+from tests.conftest import BATCH_TOLERANCE, run_tool, tiny_repository, tool_env
 from tests.team_stack import SCRIPT, TeamServer, team_server  # noqa: F401 (fixture)
 
 NAME = "pneumo-classifier"
@@ -122,5 +122,5 @@ def test_a_team_runs_the_pipeline_on_the_server_and_a_second_clone_serves_its_ch
         str(image), cwd=second, env=env,
     )  # fmt: skip
     [row], _ = json.JSONDecoder().raw_decode(output, output.index("["))  # stdout, then stderr
-    assert row["probability"] == pytest.approx(expected["probability"], abs=1e-6)
+    assert row["probability"] == pytest.approx(expected["probability"], abs=BATCH_TOLERANCE)
     assert not (second / "mlflow.db").exists() and not (second / "data").exists()
