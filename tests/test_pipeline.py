@@ -104,7 +104,7 @@ def test_registry_promote_and_predict(reproduced):
     promoted = run_tool("pneumo", "promote", cwd=root)
     assert f"version {challenger.version} promoted to @champion" in promoted
     history = run_tool("pneumo", "promote", "--history", cwd=root).strip().splitlines()
-    assert [line.split()[2] for line in history] == ["promoted"]
+    assert [line.split()[2] for line in history[1:]] == ["promoted"]  # under the header
     images = sorted((root / "data/raw/test/PNEUMONIA").iterdir())[:3]
     output = run_tool("pneumo", "predict", *map(str, images), cwd=root)
     lines = output.strip().splitlines()
