@@ -142,3 +142,12 @@ def test_models_that_the_intervals_separate_must_keep_their_order():
     overlapping = {"rows": {"a": row(0.95, 0.85, 0.99), "b": row(0.90, 0.80, 0.96)}}
     swapped_overlapping = {"rows": {"a": row(0.90, 0.8, 0.96), "b": row(0.95, 0.85, 0.99)}}
     assert outside_bands(overlapping, swapped_overlapping, {}) == []
+
+
+def test_the_kernel_setting_is_validated_with_its_name():
+    from pneumo.config import ConfigError, parse_params
+
+    assert parse_params({"train": {"deterministic": "portable"}}).train.deterministic == "portable"
+    assert parse_params({"train": {"deterministic": False}}).train.deterministic is False
+    with pytest.raises(ConfigError, match="train.deterministic"):
+        parse_params({"train": {"deterministic": "portabel"}})
