@@ -8,12 +8,15 @@ import mlflow
 import pytest
 import yaml
 
+from pneumo.config import ConfigError
 from pneumo.experiments import (
     APPROACH_ORDER,
     ExperimentError,
     build_report,
     collect,
     load_approach,
+    parse_queue_status,
+    queue_and_run,
     render_report,
     set_param_args,
 )
@@ -48,10 +51,47 @@ def test_set_param_args_quote_strings_for_dvc():
 
 def test_invalid_approach_fails_before_queueing(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"loss": {"gama": 1}}))
-    with pytest.raises(Exception, match="loss.gama"):
+    with pytest.raises(ConfigError, match="loss.gama"):
         set_param_args(load_approach("bad", tmp_path), REPO_ROOT / "params.yaml")
     with pytest.raises(ExperimentError, match="known: \\['bad'\\]"):
         load_approach("missing", tmp_path)
+
+
+QUEUE_STATUS = """\
+Task     Name      Created    Status
+1a2b3c4  baseline  06:40 AM   {baseline}
+5d6e7f8  balanced  06:40 AM   {balanced}
+
+Worker status: {active} active, {idle} idle
+"""
+
+
+def test_queue_status_reads_states_and_live_workers():
+    status = parse_queue_status(
+        QUEUE_STATUS.format(baseline="Running", balanced="Queued", active=1, idle=1)
+    )
+    assert status.states == {"baseline": "Running", "balanced": "Queued"}
+    assert status.workers == 2
+    assert parse_queue_status("No experiment tasks in the queue.\n\n"
+                              "Worker status: 0 active, 0 idle\n").workers == 0  # fmt: skip
+
+
+def test_waiting_on_a_queue_without_workers_fails_instead_of_hanging(monkeypatch):
+    """A worker that never starts (or is killed) leaves its experiments Queued/Running for ever:
+    the wait must end with an error that names them."""
+    calls = []
+
+    def fake_dvc(*args, env=None):
+        calls.append(args[:2])
+        if args[:2] == ("queue", "status"):
+            return QUEUE_STATUS.format(baseline="Running", balanced="Queued", active=0, idle=0)
+        return ""
+
+    monkeypatch.setattr("pneumo.experiments._dvc", fake_dvc)
+    monkeypatch.chdir(REPO_ROOT)
+    with pytest.raises(ExperimentError, match=r"\['balanced', 'baseline'\].*no DVC queue worker"):
+        queue_and_run(["baseline", "balanced"], jobs=2, poll_seconds=0, workerless_seconds=0.05)
+    assert calls.count(("queue", "status")) >= 2  # it waited for the grace period first
 
 
 def _metric(value: float) -> dict:
@@ -108,6 +148,7 @@ def test_readme_experiments_block_equals_the_committed_report():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # ~1.5 min here; a queue that never drains fails long before CI's limit
 def test_two_queued_experiments_in_parallel_lose_no_mlflow_run(tmp_path):
     root = copy_repository(tmp_path / "repo")
     params = yaml.safe_load((root / "params.yaml").read_text())

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 
 APPROACHES_DIR = Path("configs/approaches")
 APPROACH_ORDER = ("baseline", "balanced", "precision", "final", "final-valthreshold")
+FINISHED = ("Success", "Failed")  # states of `dvc queue status` that no longer change
 
 
 class ExperimentError(UserError):
@@ -85,10 +88,14 @@ def queue_and_run(
     prefix: str = "",
     extra: dict | None = None,
     poll_seconds: float = 5.0,
+    workerless_seconds: float = 120.0,
 ) -> list[str]:
     """Queue one experiment per approach, run them ``jobs`` at a time, wait for all.
 
-    ``extra`` overrides apply on top of every approach (e.g. another data source).
+    ``extra`` overrides apply on top of every approach (e.g. another data source). Fails when
+    experiments are still queued or running but no queue worker has answered for
+    ``workerless_seconds``: a worker that never started or was killed leaves its tasks in that
+    state for ever, and waiting on them would hang the caller.
     """
     queued = []
     for name in names:
@@ -98,10 +105,22 @@ def queue_and_run(
         queued.append(exp_name)
         log.info("queued %s", exp_name)
     _dvc("queue", "start", "-j", str(jobs), env=_worker_env(jobs))
+    last_worker_seen = time.monotonic()
     while True:
-        states = {name: state for name, state in queue_states().items() if name in queued}
-        if len(states) == len(queued) and all(s in ("Success", "Failed") for s in states.values()):
+        status = queue_status()
+        states = {name: state for name, state in status.states.items() if name in queued}
+        if len(states) == len(queued) and all(s in FINISHED for s in states.values()):
             break
+        if status.workers:
+            last_worker_seen = time.monotonic()
+        elif time.monotonic() - last_worker_seen > workerless_seconds:
+            waiting = sorted(name for name in queued if states.get(name) not in FINISHED)
+            raise ExperimentError(
+                f"experiments {waiting} are {sorted(set(states.values()))} but no DVC queue "
+                f"worker has answered for {workerless_seconds:.0f} s (did one fail to start, or "
+                "was it killed?); see `dvc queue logs <name>`, then `dvc queue remove --all` and "
+                "run the approaches again"
+            )
         time.sleep(poll_seconds)
     failed = sorted(name for name, state in states.items() if state == "Failed")
     if failed:
@@ -117,14 +136,29 @@ def _worker_env(jobs: int) -> dict[str, str]:
     return env
 
 
-def queue_states() -> dict[str, str]:
-    """Experiment name → Queued / Running / Success / Failed, from `dvc queue status`."""
+@dataclass(frozen=True)
+class QueueStatus:
+    states: dict[str, str]  # experiment name → Queued / Running / Success / Failed
+    workers: int  # active and idle queue workers that answered
+
+
+def queue_status() -> QueueStatus:
+    """The experiments' states and the number of live workers, from `dvc queue status`."""
+    return parse_queue_status(_dvc("queue", "status"))
+
+
+def parse_queue_status(output: str) -> QueueStatus:
     states: dict[str, str] = {}
-    for line in _dvc("queue", "status").splitlines()[1:]:
+    workers = 0
+    for line in output.splitlines():
+        worker_line = re.match(r"Worker status: (\d+) active, (\d+) idle", line)
+        if worker_line:
+            workers = int(worker_line[1]) + int(worker_line[2])
+            continue
         parts = line.split()
-        if len(parts) >= 4:
+        if len(parts) >= 4 and parts[0] != "Task":
             states[parts[1]] = parts[-1]
-    return states
+    return QueueStatus(states, workers)
 
 
 def collect(exp_show: list[dict], names: list[str]) -> dict[str, dict]:
