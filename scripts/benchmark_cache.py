@@ -7,7 +7,7 @@ Not a test. Usage (the dev archive lies next to the checkout; any Kaggle-layout 
 It fetches and preprocesses the archive into a temporary folder (timing the preprocess stage
 and its peak memory), then reads the training split once each way:
 
-* cache: ``pneumo.data.CacheLoader`` over the memory-mapped uint8 array, as ``fit`` reads it
+* cache: ``pneumo.core.data.CacheLoader`` over the memory-mapped uint8 array, as ``fit`` reads it
   (``--workers`` loader threads);
 * JPEG: a torch ``DataLoader`` over torchvision's ``ImageFolder`` with ``Grayscale`` +
   ``Resize`` + ``PILToTensor`` (``--workers`` loader processes).
@@ -57,7 +57,7 @@ def main() -> None:
     import torch
     from torchvision import datasets, transforms
 
-    from pneumo.data import CachedSplit, CacheLoader
+    from pneumo.core.data import CachedSplit, CacheLoader
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,7 +4,7 @@
         --serve models:/pneumo-classifier@champion --requests 100 > latency.json
 
 - cold: `pneumo predict --model MODEL_DIR IMAGE` in a new process, wall time, ``--cold`` runs;
-- warm: one image through a loaded :class:`pneumo.inference.Classifier`, ``--warm`` runs;
+- warm: one image through a loaded :class:`pneumo.core.inference.Classifier`, ``--warm`` runs;
 - served (with ``--serve``): `mlflow models serve -m URI --env-manager local` on a free port,
   one warm-up request, then ``--requests`` POSTs of one base64 image, each timed by the client.
 
@@ -52,7 +52,7 @@ def cold(model_dir: Path, image: Path, runs: int) -> dict[str, float]:
 
 
 def warm(model_dir: Path, image: Path, runs: int) -> dict[str, float]:
-    from pneumo.inference import Classifier
+    from pneumo.core.inference import Classifier
 
     classifier = Classifier.load(model_dir)
     data = image.read_bytes()

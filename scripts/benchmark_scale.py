@@ -80,7 +80,7 @@ def run_stage(root: Path, *command: str) -> tuple[float, float]:
 
 
 def epoch_read(cache: Path, batch_size: int) -> tuple[int, float]:
-    from pneumo.data import CachedSplit, CacheLoader
+    from pneumo.core.data import CachedSplit, CacheLoader
 
     loader = CacheLoader(CachedSplit.load(cache, "train"), batch_size=batch_size)
     started = time.perf_counter()

@@ -74,7 +74,7 @@ def best_of(repeats: int, call) -> float:
 
 def augmentation(size: int, batch: int, repeats: int) -> dict:
     from pneumo.config import AugmentConfig
-    from pneumo.data import BatchAugmentation
+    from pneumo.core.data import BatchAugmentation
 
     augment = AugmentConfig(**yaml.safe_load(FINAL.read_text())["augment"])
     pixels = torch.randint(0, 256, (batch, 1, size, size), dtype=torch.uint8)
@@ -95,10 +95,10 @@ def augmentation(size: int, batch: int, repeats: int) -> dict:
 
 
 def loop_overhead(size: int, batch: int, batches: int, repeats: int) -> dict:
-    from pneumo.data import CachedSplit, CacheLoader
-    from pneumo.losses import FocalLoss
-    from pneumo.models import build_model
-    from pneumo.train import train_one_epoch
+    from pneumo.core.data import CachedSplit, CacheLoader
+    from pneumo.core.losses import FocalLoss
+    from pneumo.core.models import build_model
+    from pneumo.stages.train import train_one_epoch
 
     images = np.random.default_rng(0).integers(0, 256, (batch * batches, size, size), np.uint8)
     targets = np.arange(len(images)) % 2
@@ -183,7 +183,7 @@ def handoff_epochs(loader, sampler, step_seconds: float) -> list[dict]:
 def loader_handoff(size: int, batch: int, step_seconds: float, workers: int = 2) -> dict:
     import tempfile
 
-    from pneumo.data import CachedSplit, CacheLoader, train_sampler
+    from pneumo.core.data import CachedSplit, CacheLoader, train_sampler
 
     with tempfile.TemporaryDirectory() as tmp:
         rows = np.lib.format.open_memmap(

@@ -91,11 +91,11 @@ def step_breakdown(raw: dict, device, size: int, batch_size: int, sampler, out: 
     import torch
 
     from pneumo.config import parse_params
-    from pneumo.data import BatchAugmentation
-    from pneumo.losses import build_loss
-    from pneumo.models import build_model
+    from pneumo.core.data import BatchAugmentation
+    from pneumo.core.losses import build_loss
+    from pneumo.core.models import build_model
     from pneumo.platforms import use_kernels
-    from pneumo.train import Precision, train_step
+    from pneumo.stages.train import Precision, train_step
 
     params = parse_params(raw)
     use_kernels(False)
@@ -236,7 +236,7 @@ def adamw_fused(fused: bool):
 def throughput(raw, root, device, backbone, sampler, optimizer="fused", **train) -> dict:
     """Epochs 2-3 of a 3-epoch fit: images/s, data-wait share, GPU utilisation."""
     from pneumo.config import parse_params
-    from pneumo.train import fit
+    from pneumo.stages.train import fit
 
     params = parse_params(with_train(raw, epochs=3, patience=99, **train))
     ends: list[float] = []
@@ -263,9 +263,9 @@ def throughput(raw, root, device, backbone, sampler, optimizer="fused", **train)
 def comparison(raw, root, device, backbone, epochs: int) -> dict:
     """Train from random init, then evaluate with TTA and a validation-chosen threshold."""
     from pneumo.config import parse_params
-    from pneumo.data import CachedSplit
-    from pneumo.evaluate import assess
-    from pneumo.train import fit
+    from pneumo.core.data import CachedSplit
+    from pneumo.stages.evaluate import assess
+    from pneumo.stages.train import fit
 
     params = parse_params(with_train(raw, epochs=epochs))
     started = time.perf_counter()
@@ -315,7 +315,7 @@ def main() -> None:
 
     import torch
 
-    from pneumo.devices import resolve_device
+    from pneumo.core.devices import resolve_device
 
     device = resolve_device(args.device)
     results: dict = {

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from pneumo.models import build_model
+from pneumo.core.models import build_model
 
 
 def main() -> None:

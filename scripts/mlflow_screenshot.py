@@ -24,7 +24,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from pneumo import tracking
+from pneumo.mlops import tracking
 from pneumo.records import ModelCard
 
 CHARTS = "^(val_auc|val_loss|train_loss|test_roc_auc)$"  # MLflow's chart search takes a regex

@@ -23,18 +23,18 @@ import numpy as np
 
 from pneumo import paths
 from pneumo.config import CLASS_NAMES, parse_params
-from pneumo.data import CachedSplit
-from pneumo.explain import (
+from pneumo.core.data import CachedSplit
+from pneumo.core.explain import (
     POINTING_TOLERANCE,
     grad_cam,
     pointing_game,
     target_layer,
     within_reach,
 )
-from pneumo.fetch import sample_lesion_masks
-from pneumo.images import fit_square
-from pneumo.inference import load_network
+from pneumo.core.images import fit_square
+from pneumo.core.inference import load_network
 from pneumo.records import Comparison
+from pneumo.stages.fetch import sample_lesion_masks
 
 
 def lesion_hits(params_file: Path) -> dict:

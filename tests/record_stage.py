@@ -55,7 +55,14 @@ def main() -> None:
     try:
         cli.main(command, standalone_mode=False)
     finally:
-        modules = sorted(name for name in sys.modules if name.startswith("pneumo."))
+        # Source files relative to the repository (src/pneumo/core/models.py), packages'
+        # __init__.py left out: they hold docstrings and the version, nothing a stage computes.
+        repository = Path(cli.__file__).parents[2]
+        modules = sorted(
+            Path(module.__file__).relative_to(repository).as_posix()
+            for name, module in list(sys.modules.items())
+            if name.startswith("pneumo.") and not module.__file__.endswith("__init__.py")
+        )
         Path(out).write_text(json.dumps({"params": sorted(seen), "modules": modules}))
 
 

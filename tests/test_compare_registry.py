@@ -13,8 +13,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from pneumo import registry
-from pneumo.compare import CompareError, update_readme_block
+from pneumo.markdown import ReadmeError, update_readme_block
+from pneumo.mlops import registry
 from pneumo.records import Evaluation, InferenceSettings, Registration
 from tests.conftest import TINY_PARAMS, run_cli, tool_env
 from tests.test_promotion import version_tags
@@ -48,7 +48,7 @@ def test_evaluations_of_different_caches_are_not_compared(in_tmp):
 def test_readme_without_the_markers_is_a_user_error(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# project\n")
-    with pytest.raises(CompareError, match="lacks the markers.*put both lines back"):
+    with pytest.raises(ReadmeError, match="lacks the markers.*put both lines back"):
         update_readme_block(readme, "table\n")
 
 

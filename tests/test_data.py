@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pneumo.data import CachedSplit, CacheError
+from pneumo.core.data import CachedSplit, CacheError
 
 
 def test_missing_cache_says_to_run_preprocess(tmp_path):

@@ -18,10 +18,15 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
 
 from pneumo.config import DataConfig
-from pneumo.fetch import fetch
-from pneumo.images import ImageDecodeError, MissingDicomSupport, decode_grayscale, prepare_image
-from pneumo.predict import expand_inputs
-from pneumo.preprocess import PreprocessError, preprocess
+from pneumo.core.images import (
+    ImageDecodeError,
+    MissingDicomSupport,
+    decode_grayscale,
+    prepare_image,
+)
+from pneumo.mlops.predict import expand_inputs
+from pneumo.stages.fetch import fetch
+from pneumo.stages.preprocess import PreprocessError, preprocess
 from tests.conftest import kaggle_files, run_cli, write_tree
 
 # Not decodable with pydicom and Pillow alone (JPEG 2000 would be, through Pillow).

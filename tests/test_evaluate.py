@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pneumo.evaluate import pr_panel, roc_panel
+from pneumo.stages.evaluate import pr_panel, roc_panel
 from tests.conftest import run_cli
 
 

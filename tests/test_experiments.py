@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pneumo.config import ConfigError
-from pneumo.experiments import (
+from pneumo.mlops.experiments import (
     APPROACH_ORDER,
     ExperimentError,
     build_report,
@@ -87,7 +87,7 @@ def test_waiting_on_a_queue_without_workers_fails_instead_of_hanging(monkeypatch
             return QUEUE_STATUS.format(baseline="Running", balanced="Queued", active=0, idle=0)
         return ""
 
-    monkeypatch.setattr("pneumo.experiments._dvc", fake_dvc)
+    monkeypatch.setattr("pneumo.mlops.experiments._dvc", fake_dvc)
     monkeypatch.chdir(REPO_ROOT)
     with pytest.raises(ExperimentError, match=r"\['balanced', 'baseline'\].*no DVC queue worker"):
         queue_and_run(["baseline", "balanced"], jobs=2, poll_seconds=0, workerless_seconds=0.05)
@@ -141,7 +141,7 @@ def test_report_tables_from_exp_show():
 
 
 def test_readme_experiments_block_equals_the_committed_report():
-    from pneumo.compare import readme_block
+    from pneumo.markdown import readme_block
 
     report = json.loads((REPO_ROOT / "reports/experiments.json").read_text())
     assert readme_block(REPO_ROOT / "README.md", "experiments") == render_report(report)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pneumo.explain import (
+from pneumo.core.explain import (
     MIN_SIDE,
     explanation_png,
     feature_sides,
@@ -18,8 +18,8 @@ from pneumo.explain import (
     target_layer,
     within_reach,
 )
-from pneumo.models import PneumoniaNet, build_model
-from pneumo.phantoms import phantom
+from pneumo.core.models import PneumoniaNet, build_model
+from pneumo.core.phantoms import phantom
 
 SIZE = 48  # the pipeline's default image side
 
@@ -232,9 +232,9 @@ def test_the_pointing_game_counts_peaks_on_or_near_the_lesion():
 
 def test_sample_lesion_masks_belong_to_the_images_written_under_those_names():
     from pneumo.config import SampleConfig, SplitCounts
-    from pneumo.fetch import sample_entries, sample_lesion_masks
-    from pneumo.images import decode_grayscale
-    from pneumo.phantoms import phantom_with_lesion
+    from pneumo.core.images import decode_grayscale
+    from pneumo.core.phantoms import phantom_with_lesion
+    from pneumo.stages.fetch import sample_entries, sample_lesion_masks
 
     config = SampleConfig(
         train=SplitCounts(normal=2, pneumonia=2), val=SplitCounts(normal=1, pneumonia=1),

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from pneumo.config import DataConfig, ZipLimits
-from pneumo.fetch import MB, FetchError, ReadBudget, fetch, patient_id
+from pneumo.stages.fetch import MB, FetchError, ReadBudget, fetch, patient_id
 from tests.conftest import jpeg_bytes, kaggle_files, run_cli, write_tree
 
 
@@ -149,7 +149,7 @@ def test_interrupted_fetch_keeps_the_previous_raw_data_and_leaves_no_debris(tmp_
             raise KeyboardInterrupt
         return 1, 1, "L"
 
-    monkeypatch.setattr("pneumo.fetch._describe_image", dies_halfway)
+    monkeypatch.setattr("pneumo.stages.fetch._describe_image", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
         fetch(_local(source), tmp_path / "data/raw", seed=0)
     assert sorted((tmp_path / "data").rglob("*")) == before

@@ -1,4 +1,4 @@
-"""pneumo.inference: TTA views, model folders (integrity, copies, devices) and streaming."""
+"""pneumo.core.inference: TTA views, model folders (integrity, copies, devices) and streaming."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from pneumo.inference import (
+from pneumo.core.inference import (
     Classifier,
     IntegrityError,
     ModelFolderError,

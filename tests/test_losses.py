@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pneumo.config import LossConfig
-from pneumo.losses import FocalLoss, build_loss
+from pneumo.core.losses import FocalLoss, build_loss
 
 LOGITS = torch.tensor([-3.0, -0.5, 0.0, 0.7, 2.5, 8.0])
 TARGETS = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 1.0])

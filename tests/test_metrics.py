@@ -15,7 +15,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from pneumo.metrics import (
+from pneumo.core.metrics import (
     MetricsError,
     binary_metrics,
     bootstrap_ci,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pneumo import tracking
+from pneumo.mlops import tracking
 
 pytestmark = pytest.mark.slow
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from pneumo.errors import UserError
-from pneumo.models import (
+from pneumo.core.models import (
     BUILDERS,
     IMAGENET_MEAN,
     WeightsUnavailableError,
     build_model,
 )
+from pneumo.errors import UserError
 
 
 @pytest.mark.parametrize("name", ["densenet121", "resnet50", "efficientnet-b0", "efficientnet-b4"])

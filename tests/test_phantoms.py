@@ -7,9 +7,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from pneumo.config import SampleConfig, SplitCounts
-from pneumo.fetch import patient_id, sample_entries
-from pneumo.images import prepare_image
-from pneumo.phantoms import phantom
+from pneumo.core.images import prepare_image
+from pneumo.core.phantoms import phantom
+from pneumo.stages.fetch import patient_id, sample_entries
 
 SMALL = SampleConfig(
     train=SplitCounts(normal=60, pneumonia=60),

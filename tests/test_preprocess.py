@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from pneumo.config import DataConfig
-from pneumo.fetch import fetch
-from pneumo.images import ImageDecodeError, decode_grayscale, fit_square
-from pneumo.preprocess import PreprocessError, deduplicate, preprocess, split_by_patient
+from pneumo.core.images import ImageDecodeError, decode_grayscale, fit_square
+from pneumo.stages.fetch import fetch
+from pneumo.stages.preprocess import PreprocessError, deduplicate, preprocess, split_by_patient
 from tests.conftest import jpeg_bytes, kaggle_files, run_cli, write_tree
 
 

@@ -14,8 +14,9 @@ from types import SimpleNamespace
 import pytest
 from mlflow import MlflowClient
 
-from pneumo import registry
 from pneumo.config import parse_params
+from pneumo.mlops import promotion, registry
+from pneumo.stages import register as register_stage
 from tests.conftest import run_cli
 
 NAME = "pneumo-classifier"
@@ -92,7 +93,7 @@ def champion(client: MlflowClient) -> str | None:
 
 
 def stored_history(client: MlflowClient) -> list[dict]:
-    return json.loads(client.get_registered_model(NAME).tags[registry.HISTORY_TAG])
+    return json.loads(client.get_registered_model(NAME).tags[promotion.HISTORY_TAG])
 
 
 def assert_one_line_error(result, *expected: str) -> None:
@@ -201,7 +202,7 @@ def test_promoting_the_champion_again_changes_nothing(client):
     add_version(client, "champion", "challenger")
     result = promote()
     assert result.exit_code == 0 and "already @champion" in result.output
-    assert registry.HISTORY_TAG not in client.get_registered_model(NAME).tags
+    assert promotion.HISTORY_TAG not in client.get_registered_model(NAME).tags
 
 
 # --- @challenger at registration ------------------------------------------------------------
@@ -220,20 +221,21 @@ def test_promoting_the_champion_again_changes_nothing(client):
     ],
 )
 def test_the_challenger_moves_only_to_a_better_model_on_the_same_data(
-    client, monkeypatch, current, best, moves
+    client, monkeypatch, tmp_path, current, best, moves
 ):
     """The new best is registered first, a worse model after it: finish order never decides."""
     before = add_version(client, "challenger", **current) if current is not None else None
     planned = {"resnet50": best, "efficientnet-b0": {"val_auc": 0.6}}
-    monkeypatch.setattr(registry.Evaluation, "read", lambda folder: None)
     monkeypatch.setattr(
-        registry.Comparison, "read", lambda folder: SimpleNamespace(best="resnet50")
+        register_stage.Comparison, "read", lambda folder: SimpleNamespace(best="resnet50")
     )
     monkeypatch.setattr(
         registry, "register", lambda params, backbone, *_: add_version(client, **planned[backbone])
     )
-    params = parse_params(settings(backbones=["resnet50", "efficientnet-b0"]))
-    done = registry.register_all(params)
+    backbones = ["resnet50", "efficientnet-b0"]
+    params = parse_params(settings(backbones=backbones))
+    folders = {backbone: tmp_path / backbone for backbone in backbones}
+    done = register_stage.register(params, tmp_path, folders, folders, tmp_path)
     expected = done.versions["resnet50"] if moves else before
     assert done.challenger == expected
     assert str(client.get_model_version_by_alias(NAME, "challenger").version) == expected
@@ -275,22 +277,22 @@ def test_the_history_keeps_the_newest_decisions_within_the_tag_size_limit(client
     add_version(client, "challenger")
     old = [
         {"at": f"2026-01-01T00:00:{i:02d}Z", "decision": "refused", "version": "1",
-         "previous": None, "by": "someone", "reasons": ["x" * registry.REASON_MAX_CHARS] * 3}
+         "previous": None, "by": "someone", "reasons": ["x" * promotion.REASON_MAX_CHARS] * 3}
         for i in range(60)
     ]  # fmt: skip
-    client.set_registered_model_tag(NAME, registry.HISTORY_TAG, json.dumps(old))
+    client.set_registered_model_tag(NAME, promotion.HISTORY_TAG, json.dumps(old))
     assert promote("--force", registry={"min_val_auc": 0.95}).exit_code == 0
-    text = client.get_registered_model(NAME).tags[registry.HISTORY_TAG]
+    text = client.get_registered_model(NAME).tags[promotion.HISTORY_TAG]
     entries = json.loads(text)
-    assert len(text) <= registry.HISTORY_MAX_CHARS
+    assert len(text) <= promotion.HISTORY_MAX_CHARS
     assert entries[-1]["decision"] == "forced"
     assert entries[:-1] == old[-(len(entries) - 1) :]  # the oldest went first
-    assert len(entries[-1]["reasons"][0]) <= registry.REASON_MAX_CHARS
+    assert len(entries[-1]["reasons"][0]) <= promotion.REASON_MAX_CHARS
 
 
 def test_a_damaged_history_stops_promotion_before_anything_changes(client):
     add_version(client, "challenger")
-    client.set_registered_model_tag(NAME, registry.HISTORY_TAG, "not json")
+    client.set_registered_model_tag(NAME, promotion.HISTORY_TAG, "not json")
     assert_one_line_error(promote(), "is not a JSON list of decisions")
     assert champion(client) is None
 

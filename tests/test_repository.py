@@ -5,14 +5,14 @@ from __future__ import annotations
 import yaml
 
 from pneumo import paths
-from pneumo.compare import readme_block, render_table, update_readme_block
+from pneumo.markdown import readme_block, render_comparison, update_readme_block
 from pneumo.records import Comparison, Evaluation, Registration, TrainSummary
 from tests.conftest import REPO_ROOT
 
 
 def test_readme_results_block_equals_the_committed_comparison():
     result = Comparison.read(REPO_ROOT / paths.REPORTS_DIR)
-    assert readme_block(REPO_ROOT / "README.md") == render_table(result)
+    assert readme_block(REPO_ROOT / "README.md") == render_comparison(result)
 
 
 def test_readme_block_is_replaced_between_the_markers(tmp_path):
@@ -62,7 +62,12 @@ def test_dvc_yaml_paths_match_the_code():
     assert str(paths.checkpoint_dir(b)) in stages["evaluate"]["deps"]
     comparison = Comparison.path(paths.REPORTS_DIR)
     assert _outs(stages["compare"]) == {
-        str(p) for p in (comparison, paths.COMPARISON_MD, paths.COMPARISON_ROC_PNG)
+        str(p)
+        for p in (
+            comparison,
+            paths.REPORTS_DIR / Comparison.MARKDOWN,
+            paths.REPORTS_DIR / Comparison.ROC_PNG,
+        )
     }
     assert {str(paths.MODELS_DIR), str(paths.RAW_DIR), str(comparison)} <= set(
         stages["register"]["deps"]

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from torchvision.transforms import InterpolationMode
 
 from pneumo.config import AugmentConfig, parse_params
-from pneumo.data import (
+from pneumo.core.data import (
     BalancedSampler,
     BatchAugmentation,
     CachedSplit,
@@ -29,7 +29,7 @@ from pneumo.data import (
     affine_theta,
     train_sampler,
 )
-from pneumo.preprocess import write_array
+from pneumo.stages.preprocess import write_array
 from tests.conftest import (
     TINY_PARAMS,
     kill_after_first_epoch,
@@ -382,7 +382,7 @@ def test_a_state_from_other_settings_is_never_resumed(project_copy):
     ],
 )
 def test_the_resume_key_follows_what_determines_the_training(change, same):
-    from pneumo.resume import run_key
+    from pneumo.core.resume import run_key
 
     reference = run_key(parse_params({}), "resnet50", "abc", "cpu", 1)
     assert (run_key(parse_params(change), "resnet50", "abc", "cpu", 1) == reference) is same

@@ -23,7 +23,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from pneumo.inference import SHIPPED_MODULES, IntegrityError, sha256_of
+from pneumo.core.inference import SHIPPED_MODULES, IntegrityError, sha256_of
 from tests.conftest import BATCH_TOLERANCE, run_cli, tool_env
 
 NAME = "pneumo-classifier"
@@ -72,7 +72,8 @@ def test_the_model_is_code_with_a_signature_and_no_pickle(registered, champion_d
         "probability",
         "label",
     ]
-    shipped = {p.name for p in (champion_dir / "code/pneumo").glob("*.py")}
+    package = champion_dir / "code/pneumo"
+    shipped = {p.relative_to(package).as_posix() for p in package.rglob("*.py")}
     assert shipped == set(SHIPPED_MODULES)
     weights = champion_dir / flavor["artifacts"]["model"]["path"] / "model.pt"
     assert flavor["config"]["weights_sha256"] == sha256_of(weights)
@@ -137,7 +138,7 @@ def test_the_model_loads_only_its_shipped_code(registered, champion_dir):
     code_dir = str((champion_dir / "code").resolve())
     for module, file in pneumo_modules.items():
         assert file and file.startswith(code_dir), (module, file)
-        assert Path(file).name in SHIPPED_MODULES
+        assert Path(file).relative_to(Path(code_dir) / "pneumo").as_posix() in SHIPPED_MODULES
 
 
 def test_everything_the_model_code_imports_is_in_its_requirements(champion_dir):
@@ -145,7 +146,7 @@ def test_everything_the_model_code_imports_is_in_its_requirements(champion_dir):
     such as DICOM and EfficientNet included) resolves to a distribution that
     requirements.txt installs. (Optional imports that torch or MLflow make when a package
     happens to be installed are those libraries' own business.)"""
-    sources = [champion_dir / "serving.py", *(champion_dir / "code/pneumo").glob("*.py")]
+    sources = [champion_dir / "serving.py", *(champion_dir / "code/pneumo").rglob("*.py")]
     imported = set().union(*map(_imported_names, sources)) - {"pneumo", "__future__"}
     covered = _closure((champion_dir / "requirements.txt").read_text().split())
     owners = packages_distributions()

@@ -15,9 +15,9 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from pneumo import tracking
 from pneumo.config import TrackingConfig
 from pneumo.interrupts import EXIT_STATUS
+from pneumo.mlops import tracking
 from tests.conftest import (
     kill_after_first_epoch,
     pneumo_process,
@@ -164,7 +164,7 @@ def test_a_failure_while_evaluate_logs_leaves_the_training_run_finished(
     def failing(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr("pneumo.tracking.log_artifacts", failing)
+    monkeypatch.setattr("pneumo.mlops.tracking.log_artifacts", failing)
     if isinstance(error, KeyboardInterrupt):
         assert run_cli("evaluate", "resnet50").exit_code != 0  # click: "Aborted!"
     else:

@@ -10,8 +10,8 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from pneumo import tracking
 from pneumo.config import TrackingConfig
+from pneumo.mlops import tracking
 from tests.conftest import run_cli
 
 NAME = "pneumo-classifier"

@@ -10,13 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
-from pneumo import tracking
 from pneumo.config import parse_params
-from pneumo.data import CachedSplit, CacheLoader
-from pneumo.inference import load_network
-from pneumo.losses import FocalLoss
-from pneumo.models import build_model
-from pneumo.train import (
+from pneumo.core.data import CachedSplit, CacheLoader
+from pneumo.core.inference import load_network
+from pneumo.core.losses import FocalLoss
+from pneumo.core.models import build_model
+from pneumo.mlops import tracking
+from pneumo.stages.train import (
     Precision,
     TrainingDivergedError,
     fit,
@@ -130,7 +130,7 @@ def test_interrupted_training_leaves_the_previous_checkpoint_untouched(project_c
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("pneumo.train._curves_png", interrupted)
+    monkeypatch.setattr("pneumo.stages.train._curves_png", interrupted)
     result = run_cli("train", "resnet50")
     assert result.exit_code != 0
     after = {

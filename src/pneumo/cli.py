@@ -92,7 +92,7 @@ def main(ctx: click.Context, params: Path, verbose: bool) -> None:
 @_clean_stop
 def fetch(ctx: click.Context) -> None:
     """Bring images from data.source into data/raw with a manifest."""
-    from pneumo.fetch import fetch as run_fetch
+    from pneumo.stages.fetch import fetch as run_fetch
 
     params = _params(ctx)
     run_fetch(params.data, paths.RAW_DIR, seed=params.seed)
@@ -105,7 +105,7 @@ def fetch(ctx: click.Context) -> None:
 @_clean_stop
 def preprocess(ctx: click.Context, workers: int) -> None:
     """Validate, de-duplicate, split by patient and cache data/raw into data/processed."""
-    from pneumo.preprocess import preprocess as run_preprocess
+    from pneumo.stages.preprocess import preprocess as run_preprocess
 
     params = _params(ctx)
     run_preprocess(params.data, paths.RAW_DIR, paths.PROCESSED_DIR, params.seed, workers)
@@ -192,7 +192,7 @@ def train(ctx: click.Context, backbone: str) -> None:
     from pneumo.platforms import prepare_kernels
 
     prepare_kernels(params.train.deterministic)  # before torch loads
-    from pneumo.train import train as run_train
+    from pneumo.stages.train import train as run_train
 
     run_train(
         params,
@@ -216,7 +216,7 @@ def evaluate(ctx: click.Context, backbone: str) -> None:
     from pneumo.platforms import prepare_kernels
 
     prepare_kernels(params.train.deterministic)  # before torch loads
-    from pneumo.evaluate import evaluate as run_evaluate
+    from pneumo.stages.evaluate import evaluate as run_evaluate
 
     run_evaluate(
         params,
@@ -235,9 +235,10 @@ def evaluate(ctx: click.Context, backbone: str) -> None:
 def compare(ctx: click.Context) -> None:
     """Compare all backbones on the same test images; rank them on validation."""
     params = _params(ctx)
-    from pneumo.compare import compare as run_compare
+    from pneumo.stages.compare import compare as run_compare
 
-    result = run_compare(params, params.backbones)
+    eval_dirs = {backbone: paths.eval_report_dir(backbone) for backbone in params.backbones}
+    result = run_compare(params, params.backbones, eval_dirs, paths.REPORTS_DIR)
     click.echo(f"best by {params.compare.select_by}: {result.best}")
 
 
@@ -249,9 +250,16 @@ def register(ctx: click.Context) -> None:
     """Register every model folder in the MLflow registry (once each); point @challenger at
     the comparison's best if it beats the current one."""
     params = _params(ctx)
-    from pneumo import registry
+    from pneumo.mlops import registry
+    from pneumo.stages.register import register as run_register
 
-    registered = registry.register_all(params)
+    registered = run_register(
+        params,
+        paths.REPORTS_DIR,
+        {backbone: paths.eval_report_dir(backbone) for backbone in params.backbones},
+        {backbone: paths.model_dir(backbone) for backbone in params.backbones},
+        paths.RAW_DIR,
+    )
     click.echo(
         f"{registered.model_name} versions {registered.versions} in the {registered.store} "
         f"store; @{registry.CHALLENGER} = v{registered.challenger} ({registered.why})"
@@ -262,11 +270,9 @@ def register(ctx: click.Context) -> None:
 @_friendly
 def readme() -> None:
     """Rewrite README.md's results block from reports/comparison.json."""
-    from pneumo.compare import render_table, update_readme_block
-    from pneumo.records import Comparison
+    from pneumo.stages.readme import readme as run_readme
 
-    table = render_table(Comparison.read(paths.REPORTS_DIR))
-    changed = update_readme_block(paths.README, table)
+    changed = run_readme(paths.REPORTS_DIR, paths.README)
     click.echo(f"{paths.README}: results block {'updated' if changed else 'unchanged'}")
 
 
@@ -277,7 +283,7 @@ def readme() -> None:
 )  # fmt: skip
 def plots(out: Path) -> None:
     """`dvc plots show` into a page that needs no network (Vega libraries inline)."""
-    from pneumo.plots import show
+    from pneumo.mlops.plots import show
 
     click.echo(f"open {show(out, paths.PLOTS_TEMPLATE)}")
 
@@ -300,14 +306,14 @@ def promote(ctx: click.Context, version: str | None, force: bool, history: bool)
     compare.select_by. Every decision is recorded (--history).
     """
     params = _params(ctx)
-    from pneumo import registry
+    from pneumo.mlops import promotion
 
     if history:
         if version is not None or force:
             raise PneumoError("--history only prints the record: it takes no --version or --force")
-        click.echo(registry.render_history(registry.history(params)))
+        click.echo(promotion.render_history(promotion.history(params)))
         return
-    click.echo(registry.promote(params, version=version, force=force))
+    click.echo(promotion.promote(params, version=version, force=force))
 
 
 @main.command()
@@ -338,7 +344,7 @@ def predict(
     explain_dir: Path | None,
 ) -> None:
     """Predict PNEUMONIA for image files or folders; unreadable files make the exit code 1."""
-    from pneumo import predict as prediction
+    from pneumo.mlops import predict as prediction
 
     files = prediction.expand_inputs(list(inputs))  # a wrong path fails before loading a model
     classifier = prediction.load_classifier(model, device, lambda: _params(ctx))
@@ -365,7 +371,7 @@ def approaches(
     run them JOBS at a time."""
     import yaml
 
-    from pneumo import experiments, tracking
+    from pneumo.mlops import experiments, tracking
 
     params = _params(ctx)
     chosen = list(names) or list(experiments.APPROACH_ORDER)
@@ -400,8 +406,8 @@ def report(ctx: click.Context, names: tuple[str, ...], prefix: str, output: Path
     """Tables of the finished approach experiments → reports/experiments.{json,md}, README."""
     import subprocess
 
-    from pneumo import experiments
-    from pneumo.compare import update_readme_block
+    from pneumo.markdown import update_readme_block
+    from pneumo.mlops import experiments
 
     chosen = [f"{prefix}{n}" for n in (names or experiments.APPROACH_ORDER)]
     shown = subprocess.run(

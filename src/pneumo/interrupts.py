@@ -4,7 +4,7 @@ time limit cleans up as Ctrl-C does.
 Python's default SIGTERM ends the process at once: no ``finally`` runs, staged outputs stay
 behind and the MLflow run is left RUNNING. Raised instead at the line the stage has reached,
 :class:`Terminated` unwinds every ``with`` block: the run ends as KILLED
-(:func:`pneumo.tracking.start_run`), a staged output folder is removed
+(:func:`pneumo.mlops.tracking.start_run`), a staged output folder is removed
 (:func:`pneumo.files.staged_dir`), and the command exits with 143 (128 + 15), the status a
 shell reports for a process killed by SIGTERM.
 """

@@ -58,7 +58,7 @@ class ModelCard(Record):
     by evaluate, in the model folder ``models/<backbone>``.
 
     Only facts about the model: the MLflow run that trained it is noted outside DVC's
-    outputs (``pneumo.tracking.remember_training_run``), so a rerun gives the same folder.
+    outputs (``pneumo.mlops.tracking.remember_training_run``), so a rerun gives the same folder.
     """
 
     FILE = "meta.json"
@@ -147,6 +147,8 @@ class Comparison(Record):
 
     FILE = "comparison.json"
     WRITER = "pneumo compare"
+    MARKDOWN: ClassVar[str] = "comparison.md"  # the table, rendered from the record
+    ROC_PNG: ClassVar[str] = "comparison_roc.png"  # every model's test ROC curve
 
     data: str
     select_by: str

@@ -2,7 +2,7 @@
 
 MLflow runs this file when it loads the model: it defines the model class and hands an
 instance to :func:`mlflow.models.set_model`. What loading executes is therefore this file, the
-pneumo modules shipped beside it (``pneumo.inference.SHIPPED_MODULES``) and the libraries in
+pneumo modules shipped beside it (``pneumo.core.inference.SHIPPED_MODULES``) and the libraries in
 the model's requirements; the weights are a state dict read with ``weights_only=True`` after
 their SHA-256 is checked against the one recorded at registration (``model_config``).
 
@@ -22,7 +22,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from pneumo.inference import MODEL_ARTIFACT, Classifier
+from pneumo.core.inference import MODEL_ARTIFACT, Classifier
 
 
 class PneumoniaModel(mlflow.pyfunc.PythonModel):

@@ -3,7 +3,7 @@
 Reading order: ``train_step`` → ``train_one_epoch`` → ``evaluate`` → ``fit`` → ``train`` (the
 stage: tracking and outputs). Outputs are staged in a temporary folder and moved into place at
 the very end, so an interrupted run never leaves a checkpoint that looks complete; the state
-needed to continue it is kept after every epoch (pneumo.resume). Under ``torchrun`` every
+needed to continue it is kept after every epoch (pneumo.core.resume). Under ``torchrun`` every
 process runs ``fit`` on its share of each batch and only the main one writes files and logs to
 MLflow.
 """
@@ -26,9 +26,10 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
-from pneumo import distributed, platforms, resume, tracking
+from pneumo import platforms
 from pneumo.config import CLASS_NAMES, Params, TrainConfig, flatten
-from pneumo.data import (
+from pneumo.core import distributed, resume
+from pneumo.core.data import (
     BatchAugmentation,
     CachedSplit,
     CacheLoader,
@@ -36,12 +37,13 @@ from pneumo.data import (
     resolve_loader_threads,
     train_sampler,
 )
-from pneumo.devices import resolve_device, to_device
-from pneumo.distributed import SINGLE, World
+from pneumo.core.devices import resolve_device, to_device
+from pneumo.core.distributed import SINGLE, World
+from pneumo.core.losses import build_loss
+from pneumo.core.models import build_model, normalisation
 from pneumo.errors import UserError
 from pneumo.files import staged_dir, write_text_atomic
-from pneumo.losses import build_loss
-from pneumo.models import build_model, normalisation
+from pneumo.mlops import tracking
 from pneumo.records import ModelCard, TrainSummary
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 Sources (``data.source``):
 
-* ``sample``: synthetic radiographs from :mod:`pneumo.phantoms`, in the Kaggle layout and
+* ``sample``: synthetic radiographs from :mod:`pneumo.core.phantoms`, in the Kaggle layout and
   naming, so the pipeline runs anywhere with no download;
 * ``kaggle``: the Kaggle data set, downloaded with kagglehub;
 * ``local``: a folder or a ``.zip`` in the Kaggle layout (``chest_xray/{train,val,test}/
@@ -37,11 +37,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from pneumo.config import CLASS_NAMES, DataConfig, SampleConfig, ZipLimits
+from pneumo.core.images import IMAGE_SUFFIXES, dicom_header, is_dicom
+from pneumo.core.phantoms import phantom, phantom_with_lesion
 from pneumo.errors import UserError
 from pneumo.files import staged_dir
-from pneumo.images import IMAGE_SUFFIXES, dicom_header, is_dicom
 from pneumo.paths import SPLITS
-from pneumo.phantoms import phantom, phantom_with_lesion
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from torch.utils.data import BatchSampler, DistributedSampler, Sampler
 
 from pneumo import paths
 from pneumo.config import AugmentConfig
-from pneumo.devices import to_device
+from pneumo.core.devices import to_device
 from pneumo.errors import UserError
 
 

@@ -33,15 +33,15 @@ from sklearn.model_selection import StratifiedGroupKFold
 from tqdm import tqdm
 
 from pneumo.config import CLASS_NAMES, DataConfig, val_folds
-from pneumo.errors import UserError
-from pneumo.files import staged_dir
-from pneumo.images import (
+from pneumo.core.images import (
     ImageDecodeError,
     MissingDicomSupport,
     ResizeMethod,
     decode_grayscale,
     fit_square,
 )
+from pneumo.errors import UserError
+from pneumo.files import staged_dir
 from pneumo.paths import SPLITS
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import torch
 from captum.attr import LayerAttribution, LayerGradCam
 from torch import nn
 
-from pneumo.models import PneumoniaNet
+from pneumo.core.models import PneumoniaNet
 
 # Grad-CAM is sharpest in meaning on the deepest stage and coarsest in space there: at the
 # small sizes this pipeline trains at (48 px by default) the last stages are 3x3, 2x2 or 1x1,

@@ -28,8 +28,9 @@ RESUME_DIR = Path(".pneumo/resume")
 def code_version() -> str:
     """Hash of the installed package's source and torch's version."""
     digest = hashlib.sha256(torch.__version__.encode())
-    for source in sorted(Path(pneumo.__file__).parent.glob("*.py")):
-        digest.update(source.name.encode())
+    package = Path(pneumo.__file__).parent
+    for source in sorted(package.rglob("*.py")):
+        digest.update(source.relative_to(package).as_posix().encode())
         digest.update(source.read_bytes())
     return digest.hexdigest()
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from pneumo.config import flatten_mapping, load_yaml, parse_params
 from pneumo.errors import UserError
+from pneumo.markdown import TABLE_METRICS, describe_data, format_metric
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +192,6 @@ def collect(exp_show: list[dict], names: list[str]) -> dict[str, dict]:
 
 
 def build_report(collected: dict[str, dict]) -> dict:
-    from pneumo.compare import describe_data
-
     first = next(iter(collected.values()))
     params = parse_params(first["params"])
     rows = []
@@ -227,8 +226,6 @@ def build_report(collected: dict[str, dict]) -> dict:
 
 
 def render_report(report: dict) -> str:
-    from pneumo.compare import TABLE_METRICS, _cell
-
     settings = report["settings"]
     init = "ImageNet-pretrained" if settings["pretrained"] else "random init"
     header = " | ".join(TABLE_METRICS)
@@ -240,7 +237,7 @@ def render_report(report: dict) -> str:
             label = (
                 row["approach"] if first == "approach" else f"{row['backbone']} ({row['approach']})"
             )
-            cells = " | ".join(_cell(row["test"][m]) for m in TABLE_METRICS)
+            cells = " | ".join(format_metric(row["test"][m]) for m in TABLE_METRICS)
             rule = row["threshold_rule"]
             threshold = f"{row['threshold']:.3f}" + (
                 "" if rule == str(row["threshold"]) else f" ({rule})"

@@ -22,17 +22,17 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from pneumo.devices import resolve_device
+from pneumo.core.devices import resolve_device
+from pneumo.core.images import ImageDecodeError, prepare_image
+from pneumo.core.models import PneumoniaNet, build_model
 from pneumo.errors import UserError
-from pneumo.images import ImageDecodeError, prepare_image
-from pneumo.models import PneumoniaNet, build_model
 from pneumo.records import InferenceSettings, ModelCard
 
 # What a model needs at run time, relative to the package: the registered model ships these
 # (tests/test_serving.py checks that loading and predicting imports no other pneumo module).
 SHIPPED_MODULES = (
-    "__init__.py", "devices.py", "errors.py", "files.py", "images.py", "inference.py",
-    "models.py", "records.py",
+    "__init__.py", "errors.py", "files.py", "records.py", "core/__init__.py",
+    "core/devices.py", "core/images.py", "core/inference.py", "core/models.py",
 )  # fmt: skip
 
 # The model folder's name among a registered model's MLflow artifacts.
@@ -115,6 +115,35 @@ def tta_probabilities(
     return out
 
 
+def verified_settings(folder: Path, expected_sha256: str | None = None) -> InferenceSettings:
+    """The inference settings of a model folder whose weights hash to what the settings (and
+    ``expected_sha256``, the registration's record, when given) recorded; reads the weights'
+    bytes but builds no network."""
+    if not (InferenceSettings.path(folder).is_file() and ModelCard.path(folder).is_file()):
+        raise ModelFolderError(
+            f"{folder} is not a model folder (it needs {ModelCard.FILE}, "
+            f"{InferenceSettings.FILE} and {ModelCard.WEIGHTS}): pass --model "
+            "models/<backbone> after `dvc repro`, or a models:/<name>@<alias> URI"
+        )
+    settings = InferenceSettings.read(folder)
+    weights = ModelCard.weights(folder)
+    if not weights.is_file():
+        raise ModelFolderError(f"{weights} is missing: rerun `dvc repro` or copy it back")
+    digest = sha256_of(weights)
+    for source, recorded in (
+        (InferenceSettings.FILE, settings.weights_sha256),
+        ("the registration", expected_sha256),
+    ):
+        if recorded is not None and digest != recorded:
+            raise IntegrityError(
+                f"{weights} has SHA-256 {digest[:16]}…, but {source} recorded "
+                f"{recorded[:16]}…: the weights changed after they were recorded; "
+                "refusing to load them. Restore the folder (`dvc checkout`) or "
+                "re-register the model"
+            )
+    return settings
+
+
 @dataclass(frozen=True)
 class Classifier:
     """A loaded model folder: image file bytes in, PNEUMONIA probability and label out."""
@@ -128,30 +157,8 @@ class Classifier:
     def load(
         cls, folder: Path, device: str = "cpu", *, expected_sha256: str | None = None
     ) -> Classifier:
-        """Load ``folder`` after checking its weights against the recorded SHA-256 (and
-        ``expected_sha256``, the registration's record, when given)."""
-        if not (InferenceSettings.path(folder).is_file() and ModelCard.path(folder).is_file()):
-            raise ModelFolderError(
-                f"{folder} is not a model folder (it needs {ModelCard.FILE}, "
-                f"{InferenceSettings.FILE} and {ModelCard.WEIGHTS}): pass --model "
-                "models/<backbone> after `dvc repro`, or a models:/<name>@<alias> URI"
-            )
-        settings = InferenceSettings.read(folder)
-        weights = ModelCard.weights(folder)
-        if not weights.is_file():
-            raise ModelFolderError(f"{weights} is missing: rerun `dvc repro` or copy it back")
-        digest = sha256_of(weights)
-        for source, recorded in (
-            (InferenceSettings.FILE, settings.weights_sha256),
-            ("the registration", expected_sha256),
-        ):
-            if recorded is not None and digest != recorded:
-                raise IntegrityError(
-                    f"{weights} has SHA-256 {digest[:16]}…, but {source} recorded "
-                    f"{recorded[:16]}…: the weights changed after they were recorded; "
-                    "refusing to load them. Restore the folder (`dvc checkout`) or "
-                    "re-register the model"
-                )
+        """Load ``folder`` after checking its weights (:func:`verified_settings`)."""
+        settings = verified_settings(folder, expected_sha256)
         net, card = load_network(folder)
         target = resolve_device(device, setting="device")
         return cls(net.to(target), card, settings, target)

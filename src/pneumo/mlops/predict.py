@@ -1,9 +1,10 @@
 """`pneumo predict`: PNEUMONIA probability and label for image files and folders.
 
-A model folder is loaded by :mod:`pneumo.inference` alone, without MLflow, so one image from a
-new process answers quickly. A ``models:/<name>@<alias>`` URI loads the registered MLflow model
-(:mod:`pneumo.serving`), which wraps the same :class:`~pneumo.inference.Classifier`. Files are
-read, predicted and written a batch at a time, so a folder of any size runs in bounded memory.
+A model folder is loaded by :mod:`pneumo.core.inference` alone, without MLflow, so one image
+from a new process answers quickly. A ``models:/<name>@<alias>`` URI loads the registered MLflow
+model (:mod:`pneumo.mlops.serving`), which wraps the same
+:class:`~pneumo.core.inference.Classifier`. Files are read, predicted and written a batch at a
+time, so a folder of any size runs in bounded memory.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from pneumo.core.images import IMAGE_SUFFIXES
+from pneumo.core.inference import Classifier
 from pneumo.errors import UserError
-from pneumo.images import IMAGE_SUFFIXES
-from pneumo.inference import Classifier
 
 if TYPE_CHECKING:
     from pneumo.config import Params
@@ -60,7 +61,7 @@ def load_classifier(model: str | None, device: str, params: Callable[[], Params]
         return Classifier.load(Path(model), device)
     import mlflow
 
-    from pneumo import tracking
+    from pneumo.mlops import tracking
 
     settings = params()
     tracking.configure(settings.tracking)
@@ -98,7 +99,7 @@ class Explanations:
     two inputs share a name), for the layer chosen for the model's backbone and image size."""
 
     def __init__(self, classifier: Classifier, out_dir: Path) -> None:
-        from pneumo import explain
+        from pneumo.core import explain
 
         self.explain = explain
         self.classifier = classifier

@@ -14,13 +14,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pneumo import platforms, tracking
+from pneumo import platforms
 from pneumo.config import CLASS_NAMES, EvaluateConfig, Params
-from pneumo.data import CachedSplit
-from pneumo.devices import resolve_device
+from pneumo.core.data import CachedSplit
+from pneumo.core.devices import resolve_device
+from pneumo.core.inference import load_network, sha256_of, tta_probabilities
+from pneumo.core.metrics import binary_metrics, choose_threshold, metrics_with_ci
 from pneumo.files import staged_dir
-from pneumo.inference import load_network, sha256_of, tta_probabilities
-from pneumo.metrics import binary_metrics, choose_threshold, metrics_with_ci
+from pneumo.mlops import tracking
 from pneumo.records import Evaluation, InferenceSettings, ModelCard
 
 log = logging.getLogger(__name__)
