@@ -20,7 +20,7 @@ from pneumo.mlops.experiments import (
     render_report,
     set_param_args,
 )
-from tests.conftest import REPO_ROOT, copy_repository, run_tool
+from tests.conftest import REPO_ROOT, copy_repository, run_cli, run_tool
 
 APPROACHES = REPO_ROOT / "configs/approaches"
 
@@ -92,6 +92,15 @@ def test_waiting_on_a_queue_without_workers_fails_instead_of_hanging(monkeypatch
     with pytest.raises(ExperimentError, match=r"\['balanced', 'baseline'\].*no DVC queue worker"):
         queue_and_run(["baseline", "balanced"], jobs=2, poll_seconds=0, workerless_seconds=0.05)
     assert calls.count(("queue", "status")) >= 2  # it waited for the grace period first
+
+
+def test_approaches_refuse_another_params_file(in_tmp):
+    """DVC experiments change params.yaml, whatever --params says: running them from another
+    file would validate one file and run another."""
+    result = run_cli("--params", "other.yaml", "approaches", "baseline")
+    assert result.exit_code == 1
+    assert "reads params.yaml: drop --params" in result.stderr
+    assert not (in_tmp / ".dvc").exists()  # refused before anything was queued
 
 
 def _metric(value: float) -> dict:

@@ -20,7 +20,7 @@ import yaml
 from torch.nn import functional as F
 from torchvision.transforms import InterpolationMode
 
-from pneumo.config import AugmentConfig, parse_params
+from pneumo.config import AugmentConfig, ConfigError, parse_params
 from pneumo.core.data import (
     BalancedSampler,
     BatchAugmentation,
@@ -294,7 +294,7 @@ def test_the_cache_loader_stops_its_threads_and_passes_on_read_errors():
 def test_invalid_device_settings_are_named(train, key):
     raw = json.loads(json.dumps(TINY_PARAMS))
     raw["train"] |= train
-    with pytest.raises(Exception, match=rf"(?s){key}"):
+    with pytest.raises(ConfigError, match=rf"(?s){key}"):
         parse_params(raw)
 
 

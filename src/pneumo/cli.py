@@ -66,7 +66,7 @@ def _params(ctx: click.Context):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--params",
-    default="params.yaml",
+    default=paths.PARAMS,
     show_default=True,
     type=click.Path(dir_okay=False, path_type=Path),
     help="Parameters file.",
@@ -373,6 +373,11 @@ def approaches(
 
     from pneumo.mlops import experiments, tracking
 
+    if Path(ctx.obj["params"]) != paths.PARAMS:
+        raise PneumoError(
+            f"approaches are DVC experiments of this repository's pipeline, which reads "
+            f"{paths.PARAMS}: drop --params (put other settings in an approach or -S KEY=VALUE)"
+        )
     params = _params(ctx)
     chosen = list(names) or list(experiments.APPROACH_ORDER)
     extra: dict = {}

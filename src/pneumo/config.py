@@ -11,7 +11,7 @@ import math
 import re
 from collections.abc import Hashable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -26,15 +26,10 @@ from pydantic import (
     model_validator,
 )
 
+from pneumo import paths
 from pneumo.errors import UserError
 
-PARAMS_FILE = "params.yaml"
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
-BACKBONES = (
-    "densenet121",
-    "resnet50",
-    *(f"efficientnet-b{i}" for i in range(8)),
-)
 Backbone = Literal[
     "densenet121",
     "resnet50",
@@ -47,6 +42,7 @@ Backbone = Literal[
     "efficientnet-b6",
     "efficientnet-b7",
 ]
+BACKBONES: tuple[str, ...] = get_args(Backbone)  # models.BUILDERS has a builder for each
 TTA_VIEW = re.compile(
     r"^(identity|hflip|rotate:(?P<degrees>[+-]?\d+(\.\d+)?)|scale:(?P<factor>\d+(\.\d+)?))$"
 )
@@ -400,7 +396,7 @@ def load_yaml(path: Path) -> Any:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
 
 
-def load_params(path: str | Path = PARAMS_FILE) -> Params:
+def load_params(path: str | Path = paths.PARAMS) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} not found: run pneumo from the repository root")

@@ -1,7 +1,9 @@
-"""Writing stage outputs so that an interrupted stage never leaves a half-written one."""
+"""Writing stage outputs so that an interrupted stage never leaves a half-written one, and
+hashing files by content."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -35,3 +37,16 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def feed(digest: hashlib._Hash, path: Path) -> None:
+    """Add a file's bytes to ``digest`` a MiB at a time (weights and caches reach GBs)."""
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    feed(digest, path)
+    return digest.hexdigest()

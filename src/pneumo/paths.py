@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+PARAMS = Path("params.yaml")  # every knob; `validate` writes it resolved to RESOLVED_PARAMS
 RAW_DIR = Path("data/raw")
 RAW_MANIFEST = RAW_DIR / "manifest.csv"
 

@@ -22,6 +22,7 @@ from pneumo import paths
 from pneumo.config import AugmentConfig
 from pneumo.core.devices import to_device
 from pneumo.errors import UserError
+from pneumo.files import feed
 
 
 class CacheError(UserError):
@@ -71,9 +72,7 @@ def cache_fingerprint(cache_dir: Path) -> str:
     for file in sorted(cache_dir.iterdir()):
         if file.suffix in (".npy", ".csv"):
             digest.update(file.name.encode())
-            with file.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
+            feed(digest, file)
     return digest.hexdigest()[:12]
 
 

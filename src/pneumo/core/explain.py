@@ -16,6 +16,7 @@ from captum.attr import LayerAttribution, LayerGradCam
 from torch import nn
 
 from pneumo.core.models import PneumoniaNet
+from pneumo.figures import png_figure
 
 # Grad-CAM is sharpest in meaning on the deepest stage and coarsest in space there: at the
 # small sizes this pipeline trains at (48 px by default) the last stages are 3x3, 2x2 or 1x1,
@@ -165,21 +166,14 @@ def explanation_png(
     0..1 (from :func:`grad_cam`). The title names the predicted ``label`` and the model's
     PNEUMONIA ``probability``. About 900 x 450 px, whatever ``S`` is.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (plain, overlaid) = plt.subplots(1, 2, figsize=(9, 4.5), layout="constrained")
-    for axis, title in ((plain, "prepared image"), (overlaid, "Grad-CAM")):
-        # Nearest-neighbour pixels: the model saw these exact pixels, not a smoothed version.
-        axis.imshow(pixels, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-        axis.set_title(title)
-        axis.set_axis_off()
-    heat = overlaid.imshow(cam, cmap="jet", vmin=0.0, vmax=1.0, alpha=0.45)
-    fig.colorbar(heat, ax=overlaid, fraction=0.046, label="evidence for PNEUMONIA (relative)")
-    fig.suptitle(f"{label}, p = {probability:.3f}", fontsize=14)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    side_by_side = png_figure(path, 1, 2, figsize=(9, 4.5), layout="constrained", tight=False)
+    with side_by_side as (fig, (plain, overlaid)):
+        for axis, title in ((plain, "prepared image"), (overlaid, "Grad-CAM")):
+            # Nearest-neighbour pixels: the model saw these exact pixels, not a smoothed one.
+            axis.imshow(pixels, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            axis.set_title(title)
+            axis.set_axis_off()
+        heat = overlaid.imshow(cam, cmap="jet", vmin=0.0, vmax=1.0, alpha=0.45)
+        fig.colorbar(heat, ax=overlaid, fraction=0.046, label="evidence for PNEUMONIA (relative)")
+        fig.suptitle(f"{label}, p = {probability:.3f}", fontsize=14)
     return path

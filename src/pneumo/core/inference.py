@@ -12,7 +12,6 @@ it needs (:data:`SHIPPED_MODULES`), and ``pneumo predict`` on a folder starts qu
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from pneumo.core.devices import resolve_device
 from pneumo.core.images import ImageDecodeError, prepare_image
 from pneumo.core.models import PneumoniaNet, build_model
 from pneumo.errors import UserError
+from pneumo.files import sha256_of
 from pneumo.records import InferenceSettings, ModelCard
 
 # What a model needs at run time, relative to the package: the registered model ships these
@@ -48,14 +48,6 @@ class ModelFolderError(UserError):
 
 class IntegrityError(UserError):
     """The weights are not the ones the model's settings (or its registration) recorded."""
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_network(folder: Path) -> tuple[PneumoniaNet, ModelCard]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pneumo import paths
 from pneumo.config import flatten_mapping, load_yaml, parse_params
 from pneumo.errors import UserError
 from pneumo.markdown import TABLE_METRICS, describe_data, format_metric
@@ -53,7 +54,7 @@ def load_approach(name: str, folder: Path = APPROACHES_DIR) -> dict:
     return _merge(load_approach(parent, folder), overrides) if parent else overrides
 
 
-def set_param_args(overrides: dict, params_file: Path = Path("params.yaml")) -> list[str]:
+def set_param_args(overrides: dict, params_file: Path = paths.PARAMS) -> list[str]:
     """``-S key=value`` arguments, after checking the merged params are valid."""
     base = load_yaml(params_file)
     parse_params(_merge(base, overrides))  # fail now, not inside a queued experiment
@@ -176,7 +177,7 @@ def collect(exp_show: list[dict], names: list[str]) -> dict[str, dict]:
                 data = rev.get("data") or {}
                 if name not in names or name in found or rev.get("error"):
                     continue
-                params = data.get("params", {}).get("params.yaml", {}).get("data", {})
+                params = data.get("params", {}).get(str(paths.PARAMS), {}).get("data", {})
                 evaluations = {
                     path.split("/")[2]: content["data"]
                     for path, content in (data.get("metrics") or {}).items()

@@ -25,7 +25,6 @@ never change its status.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from pneumo.config import TrackingConfig
+from pneumo.files import sha256_of
 
 if TYPE_CHECKING:
     import mlflow
@@ -369,11 +369,7 @@ def close_run(run_id: str, *, status: str, closed_by: str) -> None:
 
 
 def _run_index(checkpoint: Path) -> Path:
-    digest = hashlib.sha256()
-    with checkpoint.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return repo_root() / RUNS_DIR / f"{digest.hexdigest()[:24]}.json"
+    return repo_root() / RUNS_DIR / f"{sha256_of(checkpoint)[:24]}.json"
 
 
 def remember_training_run(checkpoint: Path, run_id: str) -> None:

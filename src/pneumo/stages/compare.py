@@ -24,6 +24,7 @@ from pneumo.core.metrics import (
     paired_bootstrap_auc,
 )
 from pneumo.errors import UserError
+from pneumo.figures import png_figure
 from pneumo.files import write_text_atomic
 from pneumo.markdown import describe_data, render_comparison
 from pneumo.records import Comparison, Evaluation
@@ -137,17 +138,10 @@ def compare(
 
 
 def _roc_png(y: np.ndarray, probabilities: dict[str, np.ndarray], png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import RocCurveDisplay
 
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    for name, p in probabilities.items():
-        RocCurveDisplay.from_predictions(y, p, ax=ax, name=name)
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set_title("Test ROC, all models")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    with png_figure(png, figsize=(5.5, 5)) as (_, ax):
+        for name, p in probabilities.items():
+            RocCurveDisplay.from_predictions(y, p, ax=ax, name=name)
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        ax.set_title("Test ROC, all models")

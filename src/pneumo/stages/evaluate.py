@@ -18,9 +18,10 @@ from pneumo import platforms
 from pneumo.config import CLASS_NAMES, EvaluateConfig, Params
 from pneumo.core.data import CachedSplit
 from pneumo.core.devices import resolve_device
-from pneumo.core.inference import load_network, sha256_of, tta_probabilities
+from pneumo.core.inference import load_network, tta_probabilities
 from pneumo.core.metrics import binary_metrics, choose_threshold, metrics_with_ci
-from pneumo.files import staged_dir
+from pneumo.figures import png_figure
+from pneumo.files import sha256_of, staged_dir
 from pneumo.mlops import tracking
 from pneumo.records import Evaluation, InferenceSettings, ModelCard
 
@@ -87,10 +88,6 @@ def _plots(
     ``auc`` is the test ROC AUC with its bootstrap interval (value, ci_low, ci_high), so the
     figure and the metrics table show the same numbers.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.calibration import CalibrationDisplay, calibration_curve
     from sklearn.metrics import ConfusionMatrixDisplay, precision_recall_curve, roc_curve
 
@@ -104,19 +101,16 @@ def _plots(
         out_dir / "calibration.csv", index=False
     )
 
-    fig, axes = plt.subplots(2, 2, figsize=(9, 8))
-    roc_panel(axes[0, 0], y, p, threshold, auc)
-    pr_panel(axes[0, 1], y, p)
-    CalibrationDisplay.from_predictions(y, p, n_bins=10, strategy="quantile", ax=axes[1, 0])
-    ConfusionMatrixDisplay.from_predictions(
-        test.label, test.predicted, labels=list(CLASS_NAMES), ax=axes[1, 1], colorbar=False
-    )
-    axes[1, 1].set_title(f"threshold {threshold:.3f}")
-    fig.suptitle(title)
-    fig.tight_layout()
     png = out_dir / "evaluation.png"
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    with png_figure(png, 2, 2, figsize=(9, 8)) as (fig, axes):
+        roc_panel(axes[0, 0], y, p, threshold, auc)
+        pr_panel(axes[0, 1], y, p)
+        CalibrationDisplay.from_predictions(y, p, n_bins=10, strategy="quantile", ax=axes[1, 0])
+        ConfusionMatrixDisplay.from_predictions(
+            test.label, test.predicted, labels=list(CLASS_NAMES), ax=axes[1, 1], colorbar=False
+        )
+        axes[1, 1].set_title(f"threshold {threshold:.3f}")
+        fig.suptitle(title)
     return png
 
 

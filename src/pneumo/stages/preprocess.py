@@ -41,6 +41,7 @@ from pneumo.core.images import (
     fit_square,
 )
 from pneumo.errors import UserError
+from pneumo.figures import png_figure
 from pneumo.files import staged_dir
 from pneumo.paths import SPLITS
 
@@ -258,25 +259,18 @@ def _report(
 
 def _sample_grid(cache: pd.DataFrame, cache_dir: Path, png: Path, seed: int, per_class: int = 8):
     """A picture of random training images per class: look at the data before trusting it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     images = np.load(cache_dir / "train_images.npy", mmap_mode="r")
     train = cache[cache.split == "train"]
-    fig, axes = plt.subplots(2, per_class, figsize=(per_class * 1.6, 3.8), squeeze=False)
     rng = np.random.default_rng(seed)
-    for row, label in enumerate(CLASS_NAMES):
-        rows = train[train.label == label]
-        picks = rng.choice(len(rows), size=min(per_class, len(rows)), replace=False)
-        for col, ax in enumerate(axes[row]):
-            ax.axis("off")
-            if col < len(picks):
-                item = rows.iloc[picks[col]]
-                ax.imshow(images[item["index"]], cmap="gray", vmin=0, vmax=255)
-                ax.set_title(f"{label}\n{item.patient}", fontsize=7)
-    fig.suptitle("Training images from the preprocess cache", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    grid = png_figure(png, 2, per_class, figsize=(per_class * 1.6, 3.8), squeeze=False)
+    with grid as (fig, axes):
+        for row, label in enumerate(CLASS_NAMES):
+            rows = train[train.label == label]
+            picks = rng.choice(len(rows), size=min(per_class, len(rows)), replace=False)
+            for col, ax in enumerate(axes[row]):
+                ax.axis("off")
+                if col < len(picks):
+                    item = rows.iloc[picks[col]]
+                    ax.imshow(images[item["index"]], cmap="gray", vmin=0, vmax=255)
+                    ax.set_title(f"{label}\n{item.patient}", fontsize=7)
+        fig.suptitle("Training images from the preprocess cache", fontsize=10)

@@ -42,6 +42,7 @@ from pneumo.core.distributed import SINGLE, World
 from pneumo.core.losses import build_loss
 from pneumo.core.models import build_model, normalisation
 from pneumo.errors import UserError
+from pneumo.figures import png_figure
 from pneumo.files import staged_dir, write_text_atomic
 from pneumo.mlops import tracking
 from pneumo.records import ModelCard, TrainSummary
@@ -409,21 +410,13 @@ def fit(
 
 
 def _curves_png(history: pd.DataFrame, backbone: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    left.plot(history.epoch, history.train_loss, "o-", label="train")
-    left.plot(history.epoch, history.val_loss, "o-", label="validation")
-    left.set(xlabel="epoch", ylabel="loss", title=f"{backbone}: loss")
-    left.legend()
-    right.plot(history.epoch, history.val_auc, "o-", color="C2")
-    right.set(xlabel="epoch", ylabel="ROC AUC", title="validation AUC", ylim=(0, 1.02))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with png_figure(path, 1, 2, figsize=(9, 3.5)) as (_, (left, right)):
+        left.plot(history.epoch, history.train_loss, "o-", label="train")
+        left.plot(history.epoch, history.val_loss, "o-", label="validation")
+        left.set(xlabel="epoch", ylabel="loss", title=f"{backbone}: loss")
+        left.legend()
+        right.plot(history.epoch, history.val_auc, "o-", color="C2")
+        right.set(xlabel="epoch", ylabel="ROC AUC", title="validation AUC", ylim=(0, 1.02))
 
 
 def train(
