@@ -96,9 +96,9 @@ def augmentation(size: int, batch: int, repeats: int) -> dict:
 
 def loop_overhead(size: int, batch: int, batches: int, repeats: int) -> dict:
     from pneumo.core.data import CachedSplit, CacheLoader
+    from pneumo.core.loop import train_one_epoch
     from pneumo.core.losses import FocalLoss
     from pneumo.core.models import build_model
-    from pneumo.stages.train import train_one_epoch
 
     images = np.random.default_rng(0).integers(0, 256, (batch * batches, size, size), np.uint8)
     targets = np.arange(len(images)) % 2

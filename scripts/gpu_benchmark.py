@@ -92,10 +92,10 @@ def step_breakdown(raw: dict, device, size: int, batch_size: int, sampler, out: 
 
     from pneumo.config import parse_params
     from pneumo.core.data import BatchAugmentation
+    from pneumo.core.loop import Precision, train_step
     from pneumo.core.losses import build_loss
     from pneumo.core.models import build_model
     from pneumo.platforms import use_kernels
-    from pneumo.stages.train import Precision, train_step
 
     params = parse_params(raw)
     use_kernels(False)
@@ -236,7 +236,7 @@ def adamw_fused(fused: bool):
 def throughput(raw, root, device, backbone, sampler, optimizer="fused", **train) -> dict:
     """Epochs 2-3 of a 3-epoch fit: images/s, data-wait share, GPU utilisation."""
     from pneumo.config import parse_params
-    from pneumo.stages.train import fit
+    from pneumo.core.loop import fit
 
     params = parse_params(with_train(raw, epochs=3, patience=99, **train))
     ends: list[float] = []
@@ -264,8 +264,8 @@ def comparison(raw, root, device, backbone, epochs: int) -> dict:
     """Train from random init, then evaluate with TTA and a validation-chosen threshold."""
     from pneumo.config import parse_params
     from pneumo.core.data import CachedSplit
+    from pneumo.core.loop import fit
     from pneumo.stages.evaluate import assess
-    from pneumo.stages.train import fit
 
     params = parse_params(with_train(raw, epochs=epochs))
     started = time.perf_counter()

@@ -28,7 +28,7 @@ from pneumo.platforms import describe, prepare_kernels
 params = load_params("params.yaml")
 prepare_kernels(params.train.deterministic)
 import torch
-from pneumo.stages.train import fit
+from pneumo.core.loop import fit
 model = fit(params, "resnet50", Path("data/processed"), torch.device("cpu")).model
 weights = b"".join(t.numpy().tobytes() for t in model.state_dict().values())
 print(json.dumps({"sha256": hashlib.sha256(weights).hexdigest(), "platform": describe()}))

@@ -13,10 +13,7 @@ import torch
 from pneumo.config import parse_params
 from pneumo.core.data import CachedSplit, CacheLoader
 from pneumo.core.inference import load_network
-from pneumo.core.losses import FocalLoss
-from pneumo.core.models import build_model
-from pneumo.mlops import tracking
-from pneumo.stages.train import (
+from pneumo.core.loop import (
     Precision,
     TrainingDivergedError,
     fit,
@@ -24,6 +21,9 @@ from pneumo.stages.train import (
     recompute_batchnorm_statistics,
     train_one_epoch,
 )
+from pneumo.core.losses import FocalLoss
+from pneumo.core.models import build_model
+from pneumo.mlops import tracking
 from tests.conftest import TINY_PARAMS, run_cli
 
 
