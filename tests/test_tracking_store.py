@@ -55,6 +55,23 @@ def _log_one_run(root: Path) -> mlflow.entities.Run:
     return MlflowClient().get_run(run.info.run_id)
 
 
+def test_mlflow_is_configured_once_per_process_and_store(in_tmp, monkeypatch):
+    (in_tmp / "dvc.yaml").write_text("stages: {}\n")
+    relocations = []
+    relocate = tracking.relocate_store
+    monkeypatch.setattr(
+        tracking, "relocate_store", lambda *a: relocations.append(a) or relocate(*a)
+    )
+    config = TrackingConfig(experiment="once")
+    first = tracking.configure(config)
+    assert tracking.configure(config) == first and len(relocations) == 1
+    other = TrackingConfig(experiment="other")
+    assert tracking.configure(other) != first  # another experiment is looked up
+    mlflow.set_tracking_uri(f"sqlite:///{in_tmp / 'elsewhere.db'}")  # someone pointed away
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # which MLflow exports; pneumo would read it
+    assert tracking.configure(config) == first and len(relocations) == 3
+
+
 def test_a_copied_store_points_at_its_own_folder_once(tmp_path, monkeypatch):
     first = tmp_path / "first"
     first.mkdir()

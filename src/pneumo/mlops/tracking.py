@@ -100,12 +100,25 @@ def with_retries(call: Callable[[], T], attempts: int = 8, delay: float = 0.5) -
     raise AssertionError("unreachable")
 
 
+# The store and experiment this process configured last: (tracking URI, name) → experiment id.
+_configured: dict[tuple[str, str], str] = {}
+
+
 def configure(config: TrackingConfig) -> str:
-    """Point MLflow at the project's store and experiment; returns the experiment id."""
+    """Point MLflow at the project's store and experiment; returns the experiment id.
+
+    Once per process and store: a second call finds MLflow still pointed there and returns
+    at once (relocating the embedded store takes SQLite's write lock, and the experiment
+    lookup is a query), so stages and helpers may call it wherever they need MLflow.
+    """
     import mlflow
 
     root = repo_root()
     uri = tracking_uri(config, root)
+    key = (uri, config.experiment)
+    if key in _configured and mlflow.get_tracking_uri() == uri:
+        return _configured[key]
+    _configured.clear()
     embedded = uri == embedded_uri(root)
     artifacts = (root / ARTIFACTS_DIR).resolve().as_uri() if embedded else None
     if artifacts is not None:
@@ -122,6 +135,7 @@ def configure(config: TrackingConfig) -> str:
         except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel run
             experiment_id = mlflow.get_experiment_by_name(config.experiment).experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
+    _configured[key] = experiment_id
     return experiment_id
 
 
