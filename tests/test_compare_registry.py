@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,17 +53,40 @@ def test_readme_without_the_markers_is_a_user_error(tmp_path):
         update_readme_block(readme, "table\n")
 
 
-@pytest.fixture
-def compared(project_copy: Path) -> Path:
+def _compare_and_register(project: Path) -> Path:
     for command in ("compare", "register"):
         result = run_cli(command)
         assert result.exit_code == 0, result.output
-    mlflow.set_tracking_uri(f"sqlite:///{project_copy / 'mlflow.db'}")
-    return project_copy
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    return project
 
 
-def test_comparison_files(compared):
-    result = json.loads((compared / "reports/comparison.json").read_text())
+@pytest.fixture
+def compared(project_copy: Path) -> Path:
+    """A private copy of the tiny project after compare and register, as the working
+    directory: for the tests that change it."""
+    return _compare_and_register(project_copy)
+
+
+@pytest.fixture(scope="module")
+def compared_once(tiny_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One copy of the tiny project after compare and register, for the tests that only read
+    it (its files and its MLflow store)."""
+    root = tmp_path_factory.mktemp("compared") / "project"
+    shutil.copytree(tiny_project, root)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        return _compare_and_register(root)
+
+
+@pytest.fixture
+def read_only(compared_once: Path) -> Path:
+    mlflow.set_tracking_uri(f"sqlite:///{compared_once / 'mlflow.db'}")
+    return compared_once
+
+
+def test_comparison_files(read_only):
+    result = json.loads((read_only / "reports/comparison.json").read_text())
     assert set(result["rows"]) == {"resnet50", "efficientnet-b0", "ensemble"}
     assert result["best"] in {"resnet50", "efficientnet-b0"}
     val_metric = [result["rows"][n]["val"]["roc_auc"] for n in result["ranking"]]
@@ -71,40 +95,40 @@ def test_comparison_files(compared):
     paired = result["paired_tests_vs_best"][other]
     assert 0 <= paired["mcnemar_p_accuracy"] <= 1 and 0 <= paired["delong"]["p"] <= 1
     assert paired["delong"]["difference"] == pytest.approx(paired["auc_difference"]["difference"])
-    markdown = (compared / "reports/comparison.md").read_text()
+    markdown = (read_only / "reports/comparison.md").read_text()
     assert "| DeLong p (AUC) |" in markdown
     assert "generated synthetic sample" in markdown and "| ensemble |" in markdown
-    assert (compared / "reports/comparison_roc.png").stat().st_size > 1000
+    assert (read_only / "reports/comparison_roc.png").stat().st_size > 1000
 
 
-def test_versions_are_registered_with_tags_and_a_challenger(compared):
+def test_versions_are_registered_with_tags_and_a_challenger(read_only):
     client = MlflowClient()
     versions = client.search_model_versions(f"name='{NAME}'")
     assert len(versions) == 2
     challenger = client.get_model_version_by_alias(NAME, "challenger")
-    best = json.loads((compared / "reports/comparison.json").read_text())["best"]
+    best = json.loads((read_only / "reports/comparison.json").read_text())["best"]
     assert challenger.tags["backbone"] == best
     for key in ("git_commit", "dvc_experiment", "data_hash", "val_auc", "val_recall", "threshold"):
         assert key in challenger.tags
     assert challenger.current_stage == "None"  # aliases only, no deprecated stages
 
 
-def test_registration_writes_every_tag_the_gate_reads(compared):
+def test_registration_writes_every_tag_the_gate_reads(read_only):
     """tests/test_promotion.py builds versions with these tags instead of training."""
     client = MlflowClient()
     for version in client.search_model_versions(f"name='{NAME}'"):
         assert set(version_tags()) <= set(version.tags)
         backbone = version.tags["backbone"]
-        evaluation = Evaluation.read(compared / "reports/eval" / backbone)
+        evaluation = Evaluation.read(read_only / "reports/eval" / backbone)
         assert version.tags["data_hash"] == evaluation.data_hash
         assert float(version.tags["val_auc"]) == pytest.approx(evaluation.val["roc_auc"], abs=1e-6)
-        val = pd.read_csv(Evaluation.predictions(compared / "reports/eval" / backbone, "val"))
+        val = pd.read_csv(Evaluation.predictions(read_only / "reports/eval" / backbone, "val"))
         spread = float(version.tags[registry.SPREAD_TAG])
         assert spread == pytest.approx(val["probability"].std(ddof=0), rel=1e-5, abs=1e-12)
 
 
-def test_registry_json_records_the_versions(compared):
-    record = Registration.read(compared / "reports")
+def test_registry_json_records_the_versions(read_only):
+    record = Registration.read(read_only / "reports")
     client = MlflowClient()
     assert record.store == "embedded" and record.model_name == NAME
     for backbone, version in record.versions.items():
@@ -140,7 +164,6 @@ def test_a_changed_inference_setting_is_a_new_version(compared):
 
 def test_a_clone_without_the_training_runs_registers_from_new_runs(compared, tmp_path):
     """Pulled outputs, no tracking store: each model gets a run that names its weights."""
-    import shutil
 
     clone = tmp_path / "clone"
     shutil.copytree(compared, clone, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -9,7 +10,11 @@ import pytest
 import yaml
 
 from pneumo.config import ConfigError, Params, flatten, load_params, parse_params
-from tests.conftest import REPO_ROOT, run_cli
+from tests.conftest import (
+    REPO_ROOT,
+    TINY_PARAMS,
+    run_cli,
+)
 
 
 def test_repository_params_are_valid():
@@ -144,3 +149,36 @@ def test_schema_lists_every_section(in_tmp):
     assert result.exit_code == 0
     for section in ("data", "model", "loss", "augment", "train", "evaluate", "tracking"):
         assert f'"{section}"' in result.output
+
+
+# --- device settings -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("train", "key"),
+    [
+        ({"device": "gpu"}, "train.device"),
+        ({"device": "cuda:x"}, "train.device"),
+        ({"amp": True}, "train.amp"),
+        ({"amp": "fp8"}, "train.amp"),
+        ({"compile": "yes"}, "train.compile"),
+        ({"num_workers": "many"}, "train.num_workers"),
+        ({"nproc": 0}, "train.nproc"),
+        ({"nproc": 3, "batch_size": 32}, "train"),
+        ({"nproc": 2, "device": "cuda:1"}, "train"),
+    ],
+)
+def test_invalid_device_settings_are_named(train, key):
+    raw = json.loads(json.dumps(TINY_PARAMS))
+    raw["train"] |= train
+    with pytest.raises(ConfigError, match=rf"(?s){key}"):
+        parse_params(raw)
+
+
+def test_device_settings_are_in_the_schema():
+    from pneumo.config import TrainConfig
+
+    fields = TrainConfig.model_json_schema()["properties"]
+    assert {"device", "amp", "compile", "num_workers", "resume", "nproc"} <= fields.keys()
+    for device in ("auto", "cpu", "cuda", "cuda:3", "mps"):
+        assert parse_params({"train": {"device": device}}).train.device == device

@@ -5,17 +5,30 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 from pneumo.config import DataConfig
 from pneumo.core.images import ImageDecodeError, decode_grayscale, fit_square
 from pneumo.stages.fetch import fetch
-from pneumo.stages.preprocess import PreprocessError, deduplicate, preprocess, split_by_patient
-from tests.conftest import jpeg_bytes, kaggle_files, run_cli, write_tree
+from pneumo.stages.preprocess import (
+    PreprocessError,
+    deduplicate,
+    preprocess,
+    split_by_patient,
+    write_array,
+)
+from tests.conftest import (
+    jpeg_bytes,
+    kaggle_files,
+    run_cli,
+    write_tree,
+)
 
 
 def _encode(image: Image.Image, fmt: str) -> bytes:
@@ -245,3 +258,43 @@ def test_fetch_and_preprocess_twice_give_byte_identical_outputs(in_tmp):
     assert len(report["excluded"]) == 2
     assert "report.json" in digests[0] and "train_images.npy" in digests[0]
     assert digests[0] == digests[1]
+
+
+# --- at scale: memory that stays flat, arrays written row by row ---------------------------------
+
+
+def _preprocess_peak_mib(project: Path, images: int) -> float:
+    """Peak RSS of the process that runs `pneumo preprocess` (decoding runs in a worker),
+    measured as the scale benchmark measures it, on the benchmark's generated images."""
+    from scripts.benchmark_scale import run_stage, write_folder
+
+    project.mkdir()
+    source = write_folder(project / "source", images)
+    params = {
+        "data": {"source": "local", "local_path": str(source), "image_size": 256},
+        "tracking": {"experiment": "tests"},
+    }
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    run_stage(project, "fetch")
+    _, peak = run_stage(project, "preprocess", "--workers", "1")
+    counts = json.loads((project / "data/processed/report.json").read_text())["cached_images"]
+    assert counts == images
+    return peak
+
+
+@pytest.mark.slow
+def test_preprocess_memory_does_not_grow_with_the_number_of_images(tmp_path):
+    small = _preprocess_peak_mib(tmp_path / "small", 400)
+    large = _preprocess_peak_mib(tmp_path / "large", 1600)
+    # 1,200 more images of 256x256 are 79 MB of pixels: holding them (twice, as the
+    # previous cache writer did) would add well over 100 MB.
+    assert large - small < 30, (small, large)
+
+
+def test_cache_arrays_are_written_row_by_row_as_numpy_would(tmp_path):
+    rows = np.random.default_rng(0).integers(0, 256, (10, 8, 8), dtype=np.uint8)
+    rows.tofile(tmp_path / "rows.u8")
+    picks = np.array([7, 2, 2, 9])
+    write_array(tmp_path / "rows.u8", picks, 8, tmp_path / "picked.npy")
+    np.save(tmp_path / "reference.npy", rows[picks])
+    assert (tmp_path / "picked.npy").read_bytes() == (tmp_path / "reference.npy").read_bytes()

@@ -55,8 +55,10 @@ def test_dvc_yaml_paths_match_the_code():
     assert _outs(stages["evaluate"]) == {
         str(Evaluation.path(evaluate_dir)),
         *(str(Evaluation.predictions(evaluate_dir, split)) for split in ("test", "val")),
-        *(str(evaluate_dir / name) for name in ("evaluation.png", "roc.csv", "pr.csv")),
-        str(evaluate_dir / "calibration.csv"),
+        *(
+            str(evaluate_dir / name)
+            for name in (paths.EVALUATION_PNG, paths.ROC_CSV, paths.PR_CSV, paths.CALIBRATION_CSV)
+        ),
         str(paths.model_dir(b)),
     }
     assert str(paths.checkpoint_dir(b)) in stages["evaluate"]["deps"]

@@ -10,12 +10,7 @@ from pathlib import Path
 
 PARAMS = Path("params.yaml")  # every knob; `validate` writes it resolved to RESOLVED_PARAMS
 RAW_DIR = Path("data/raw")
-RAW_MANIFEST = RAW_DIR / "manifest.csv"
-
 PROCESSED_DIR = Path("data/processed")
-PROCESSED_MANIFEST = PROCESSED_DIR / "manifest.csv"
-PROCESSED_REPORT = PROCESSED_DIR / "report.json"
-PROCESSED_SAMPLES_PNG = PROCESSED_DIR / "samples.png"
 
 CHECKPOINTS_DIR = Path("checkpoints")  # written by train
 MODELS_DIR = Path("models")  # model folders ready to use, written by evaluate
@@ -29,8 +24,21 @@ PLOTS_TEMPLATE = Path(".pneumo/plots-template.html")  # git-ignored, written by 
 SPLITS = ("train", "val", "test")
 
 
-def processed_images(split: str) -> Path:
-    return PROCESSED_DIR / f"{split}_images.npy"
+# Files inside the stages' folders (the stages take the folders as arguments). The JSON
+# records' names are in pneumo.records.
+MANIFEST = "manifest.csv"  # one row per image: data/raw (fetch) and data/processed (preprocess)
+PREPROCESS_REPORT = "report.json"  # data/processed: counts, exclusions, duplicates, overlap
+SAMPLES_PNG = "samples.png"  # data/processed: training images to look at
+CURVES_PNG = "curves.png"  # a checkpoint folder: loss and validation AUC per epoch
+EVALUATION_PNG = "evaluation.png"  # an evaluation folder: ROC, PR, calibration, confusion
+ROC_CSV = "roc.csv"  # an evaluation folder, also for `dvc plots`
+PR_CSV = "pr.csv"
+CALIBRATION_CSV = "calibration.csv"
+
+
+def cache_images(split: str) -> str:
+    """The uint8 pixel array of one split, in data/processed."""
+    return f"{split}_images.npy"
 
 
 def checkpoint_dir(backbone: str) -> Path:

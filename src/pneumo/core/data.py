@@ -43,8 +43,8 @@ class CachedSplit:
     @classmethod
     def load(cls, cache_dir: Path, split: str) -> CachedSplit:
         files = (
-            cache_dir / paths.PROCESSED_MANIFEST.name,
-            cache_dir / paths.processed_images(split).name,
+            cache_dir / paths.MANIFEST,
+            cache_dir / paths.cache_images(split),
         )
         missing = [str(file) for file in files if not file.is_file()]
         if missing:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pneumo import platforms
+from pneumo import paths, platforms
 from pneumo.config import CLASS_NAMES, EvaluateConfig, Params
 from pneumo.core.data import CachedSplit
 from pneumo.core.devices import resolve_device
@@ -93,15 +93,17 @@ def _plots(
 
     y, p = test.target.to_numpy(), test.probability.to_numpy()
     fpr, tpr, _ = roc_curve(y, p)
-    pd.DataFrame({"fpr": fpr, "tpr": tpr}).to_csv(out_dir / "roc.csv", index=False)
+    pd.DataFrame({"fpr": fpr, "tpr": tpr}).to_csv(out_dir / paths.ROC_CSV, index=False)
     precision, recall, _ = precision_recall_curve(y, p)
-    pd.DataFrame({"recall": recall, "precision": precision}).to_csv(out_dir / "pr.csv", index=False)
+    pd.DataFrame({"recall": recall, "precision": precision}).to_csv(
+        out_dir / paths.PR_CSV, index=False
+    )
     observed, predicted = calibration_curve(y, p, n_bins=10, strategy="quantile")
     pd.DataFrame({"predicted": predicted, "observed": observed}).to_csv(
-        out_dir / "calibration.csv", index=False
+        out_dir / paths.CALIBRATION_CSV, index=False
     )
 
-    png = out_dir / "evaluation.png"
+    png = out_dir / paths.EVALUATION_PNG
     with png_figure(png, 2, 2, figsize=(9, 8)) as (fig, axes):
         roc_panel(axes[0, 0], y, p, threshold, auc)
         pr_panel(axes[0, 1], y, p)

@@ -36,6 +36,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from pneumo import paths
 from pneumo.config import CLASS_NAMES, DataConfig, SampleConfig, ZipLimits
 from pneumo.core.images import IMAGE_SUFFIXES, dicom_header, is_dicom
 from pneumo.core.phantoms import phantom, phantom_with_lesion
@@ -375,7 +376,7 @@ def write_raw(entries: list[Entry], out_dir: Path) -> pd.DataFrame:
             )
         manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
         manifest = manifest.astype({"width": "Int64", "height": "Int64"})
-        manifest.to_csv(staging / "manifest.csv", index=False)
+        manifest.to_csv(staging / paths.MANIFEST, index=False)
     counts = manifest.groupby(["split", "label"]).size().to_dict()
     log.info("fetched %d images: %s", len(manifest), counts)
     return manifest

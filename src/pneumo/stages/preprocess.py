@@ -32,6 +32,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 from tqdm import tqdm
 
+from pneumo import paths
 from pneumo.config import CLASS_NAMES, DataConfig, val_folds
 from pneumo.core.images import (
     ImageDecodeError,
@@ -164,7 +165,7 @@ def preprocess(
     config: DataConfig, raw_dir: Path, out_dir: Path, seed: int, workers: int = 2
 ) -> dict:
     """Build the cache in ``out_dir`` from ``raw_dir``; returns the report."""
-    manifest = pd.read_csv(raw_dir / "manifest.csv")  # row i of the decoded rows is line i
+    manifest = pd.read_csv(raw_dir / paths.MANIFEST)  # row i of the decoded rows is line i
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".decoded-", dir=out_dir.parent) as tmp:
         rows_file = Path(tmp) / "rows.u8"
@@ -208,7 +209,7 @@ def _build_cache(
             frame = splits[name].sort_values("path")
             write_array(
                 rows_file, frame.index.to_numpy(), config.image_size,
-                staging / f"{name}_images.npy",
+                staging / paths.cache_images(name),
             )  # fmt: skip
             frame = frame.reset_index(drop=True)
             rows.append(
@@ -220,10 +221,10 @@ def _build_cache(
                 )
             )
         cache_manifest = pd.concat(rows, ignore_index=True)
-        cache_manifest.to_csv(staging / "manifest.csv", index=False)
+        cache_manifest.to_csv(staging / paths.MANIFEST, index=False)
         report = _report(cache_manifest, len(manifest), excluded, duplicates, overlap, config)
-        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        _sample_grid(cache_manifest, staging, staging / "samples.png", seed)
+        (staging / paths.PREPROCESS_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        _sample_grid(cache_manifest, staging, staging / paths.SAMPLES_PNG, seed)
     log.info("cache written to %s: %s", out_dir, report["counts"])
     return report
 
@@ -259,7 +260,7 @@ def _report(
 
 def _sample_grid(cache: pd.DataFrame, cache_dir: Path, png: Path, seed: int, per_class: int = 8):
     """A picture of random training images per class: look at the data before trusting it."""
-    images = np.load(cache_dir / "train_images.npy", mmap_mode="r")
+    images = np.load(cache_dir / paths.cache_images("train"), mmap_mode="r")
     train = cache[cache.split == "train"]
     rng = np.random.default_rng(seed)
     grid = png_figure(png, 2, per_class, figsize=(per_class * 1.6, 3.8), squeeze=False)

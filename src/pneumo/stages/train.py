@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from pneumo import platforms
+from pneumo import paths, platforms
 from pneumo.config import CLASS_NAMES, Params, flatten
 from pneumo.core import distributed, resume
 from pneumo.core.data import cache_fingerprint
@@ -33,7 +33,6 @@ from pneumo.records import ModelCard, TrainSummary
 
 log = logging.getLogger(__name__)
 
-CURVES_PNG = "curves.png"
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auc", "lr"]
 
 
@@ -145,9 +144,11 @@ def _tracked_training(
         with staged_dir(checkpoint_dir) as staging:
             torch.save(result.model.cpu().state_dict(), ModelCard.weights(staging))
             card_file = card.write(staging)
-            _curves_png(history, backbone, staging / CURVES_PNG)
+            _curves_png(history, backbone, staging / paths.CURVES_PNG)
             tracking.log_metrics({f"best_{k}": v for k, v in result.best.items() if k != "epoch"})
-            tracking.log_artifacts([ModelCard.weights(staging), card_file, staging / CURVES_PNG])
+            tracking.log_artifacts(
+                [ModelCard.weights(staging), card_file, staging / paths.CURVES_PNG]
+            )
             tracking.log_dict(params.model_dump(mode="json"), "params.json")
     tracking.remember_training_run(ModelCard.weights(checkpoint_dir), run.info.run_id)
     write_text_atomic(history_file, history.to_csv(index=False))
