@@ -8,7 +8,6 @@ Only this module reads params.yaml; stages receive the typed sections they need.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -28,6 +27,7 @@ from pydantic import (
 
 from pneumo import paths
 from pneumo.errors import UserError
+from pneumo.specs import DeviceChoice, ThresholdRule, View
 
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 Backbone = Literal[
@@ -43,13 +43,6 @@ Backbone = Literal[
     "efficientnet-b7",
 ]
 BACKBONES: tuple[str, ...] = get_args(Backbone)  # models.BUILDERS has a builder for each
-TTA_VIEW = re.compile(
-    r"^(identity|hflip|rotate:(?P<degrees>[+-]?\d+(\.\d+)?)|scale:(?P<factor>\d+(\.\d+)?))$"
-)
-TTA_MAX_DEGREES = 180.0
-TTA_SCALES = (0.5, 2.0)
-DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-THRESHOLD_RULE = re.compile(r"^(youden|recall>=(0(\.\d+)?|1(\.0+)?))$")
 
 
 def _refuse_bool(value: Any) -> Any:
@@ -220,8 +213,7 @@ class TrainConfig(Section):
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
-        if not DEVICE.match(value):
-            raise ValueError(f"unknown device {value!r}; allowed: auto, cpu, cuda, cuda:<N>, mps")
+        DeviceChoice.parse(value)
         return value
 
     @model_validator(mode="after")
@@ -231,7 +223,7 @@ class TrainConfig(Section):
                 f"train.batch_size {self.batch_size} is the global batch: it must be a multiple "
                 f"of train.nproc {self.nproc}"
             )
-        if self.nproc > 1 and re.fullmatch(r"cuda:\d+", self.device):
+        if self.nproc > 1 and DeviceChoice.parse(self.device).index is not None:
             raise ValueError("train.nproc > 1 gives each process its own GPU: use device cuda")
         return self
 
@@ -247,23 +239,21 @@ class EvaluateConfig(Section):
     bootstrap: BootstrapConfig = BootstrapConfig()
     batch_size: PositiveInt = 64
 
+    @property
+    def views(self) -> list[View]:
+        return [View.parse(view) for view in self.tta]
+
+    @property
+    def threshold_rule(self) -> ThresholdRule:
+        return ThresholdRule.parse(self.threshold)
+
     @field_validator("tta")
     @classmethod
     def _known_views(cls, views: list[str]) -> list[str]:
         if not views:
             raise ValueError("needs at least one view, e.g. [identity]")
-        low, high = TTA_SCALES
         for view in views:
-            match = TTA_VIEW.match(view)
-            if not match:
-                raise ValueError(
-                    f"unknown view {view!r}; allowed: identity, hflip, rotate:<degrees>, "
-                    "scale:<factor>"
-                )
-            if match["degrees"] and abs(float(match["degrees"])) > TTA_MAX_DEGREES:
-                raise ValueError(f"{view!r}: rotate by -{TTA_MAX_DEGREES:g} to {TTA_MAX_DEGREES:g}")
-            if match["factor"] and not low <= float(match["factor"]) <= high:
-                raise ValueError(f"{view!r}: scale by a factor from {low:g} to {high:g}")
+            View.parse(view)
         if len(set(views)) != len(views):
             raise ValueError("a view is listed twice; each view weighs once in the average")
         return views
@@ -271,13 +261,8 @@ class EvaluateConfig(Section):
     @field_validator("threshold", mode="before")
     @classmethod
     def _threshold_rule(cls, value: Any) -> float | str:
-        if isinstance(value, str):
-            if not THRESHOLD_RULE.match(value):
-                raise ValueError(f"{value!r} is neither a number nor 'youden' nor 'recall>=X'")
-            return value
-        if not (_finite_number(value) and 0.0 < value < 1.0):
-            raise ValueError("a fixed threshold is a number strictly between 0 and 1")
-        return float(value)
+        rule = ThresholdRule.parse(value)
+        return value if rule.fixed is None else rule.fixed
 
 
 class CompareConfig(Section):

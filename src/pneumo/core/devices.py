@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from pneumo.errors import UserError
+from pneumo.specs import DeviceChoice
 
 
 def resolve_device(
@@ -16,24 +17,26 @@ def resolve_device(
     ``cuda`` without an index is the process's own GPU under torchrun (``local_rank``);
     ``setting`` names the option in errors.
     """
-    if choice.startswith("cuda"):
+    try:
+        parsed = DeviceChoice.parse(choice)
+    except ValueError as error:
+        raise UserError(f"{setting}: {error}") from None
+    if parsed.kind == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"{setting} is {choice!r} but no CUDA device is visible")
-        index = int(choice.partition(":")[2] or local_rank)
+        index = local_rank if parsed.index is None else parsed.index
         if index >= torch.cuda.device_count():
             raise UserError(
                 f"{setting} {choice!r}: only {torch.cuda.device_count()} CUDA device(s) visible"
             )
         return torch.device("cuda", index)
-    if choice == "mps" and not torch.backends.mps.is_available():
+    if parsed.kind == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"{setting} is 'mps' but this torch build or machine has no MPS")
-    if choice == "auto":
+    if parsed.kind == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank)
         return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    if choice != "cpu":
-        raise UserError(f"{setting} must be auto, cpu, cuda, cuda:N or mps, not {choice!r}")
-    return torch.device(choice)
+    return torch.device(parsed.kind)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -27,18 +27,19 @@ from pneumo.core.models import PneumoniaNet, build_model
 from pneumo.errors import UserError
 from pneumo.files import sha256_of
 from pneumo.records import InferenceSettings, ModelCard
+from pneumo.specs import View
 
 # What a model needs at run time, relative to the package: the registered model ships these
 # (tests/test_serving.py checks that loading and predicting imports no other pneumo module).
 SHIPPED_MODULES = (
-    "__init__.py", "errors.py", "files.py", "records.py", "core/__init__.py",
+    "__init__.py", "errors.py", "files.py", "records.py", "specs.py", "core/__init__.py",
     "core/devices.py", "core/images.py", "core/inference.py", "core/models.py",
 )  # fmt: skip
 
 # The model folder's name among a registered model's MLflow artifacts.
 MODEL_ARTIFACT = "model"
 
-View = Callable[[torch.Tensor], torch.Tensor]
+Transform = Callable[[torch.Tensor], torch.Tensor]
 BILINEAR = InterpolationMode.BILINEAR
 
 
@@ -69,20 +70,18 @@ def load_network(folder: Path) -> tuple[PneumoniaNet, ModelCard]:
     return net.eval(), card
 
 
-def tta_view(spec: str) -> View:
-    """``identity``, ``hflip``, ``rotate:<degrees>`` or ``scale:<factor>`` on (N, C, H, W)."""
-    name, _, arg = spec.partition(":")
-    if name == "identity":
-        return lambda x: x
-    if name == "hflip":
+def tta_view(spec: str) -> Transform:
+    """The transform of a view (:class:`pneumo.specs.View`) on (N, C, H, W)."""
+    view = View.parse(spec)
+    if view.kind == "hflip":
         return F.horizontal_flip
-    if name == "rotate":
-        return lambda x: F.rotate(x, float(arg), interpolation=BILINEAR)
-    if name == "scale":
+    if view.kind == "rotate":
+        return lambda x: F.rotate(x, view.amount, interpolation=BILINEAR)
+    if view.kind == "scale":
         return lambda x: F.affine(
-            x, angle=0.0, translate=[0, 0], scale=float(arg), shear=[0.0], interpolation=BILINEAR
+            x, angle=0.0, translate=[0, 0], scale=view.amount, shear=[0.0], interpolation=BILINEAR
         )
-    raise ValueError(f"unknown TTA view {spec!r}")
+    return lambda x: x
 
 
 @torch.inference_mode()

@@ -19,6 +19,7 @@ from sklearn.metrics import (
 
 from pneumo.config import CLASS_NAMES
 from pneumo.errors import UserError
+from pneumo.specs import ThresholdRule
 
 POINT_METRICS = (
     "accuracy",
@@ -57,8 +58,9 @@ def choose_threshold(rule: float | str, y_val: np.ndarray, p_val: np.ndarray) ->
     ``youden``: maximises sensitivity + specificity - 1. ``recall>=X``: the highest
     threshold whose sensitivity reaches X (the most specific one that meets the target).
     """
-    if isinstance(rule, float | int):
-        return float(rule)
+    parsed = ThresholdRule.parse(rule)
+    if parsed.fixed is not None:
+        return parsed.fixed
     require_both_classes(
         y_val,
         f"evaluate.threshold {rule!r} on the validation split",
@@ -67,10 +69,9 @@ def choose_threshold(rule: float | str, y_val: np.ndarray, p_val: np.ndarray) ->
     fpr, tpr, thresholds = roc_curve(y_val, p_val, drop_intermediate=False)
     finite = np.isfinite(thresholds)
     fpr, tpr, thresholds = fpr[finite], tpr[finite], thresholds[finite]
-    if rule == "youden":
+    if parsed.min_recall is None:  # youden
         return float(thresholds[np.argmax(tpr - fpr)])
-    target = float(rule.split(">=", 1)[1])
-    return float(thresholds[np.argmax(tpr >= target - 1e-12)])
+    return float(thresholds[np.argmax(tpr >= parsed.min_recall - 1e-12)])
 
 
 def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
