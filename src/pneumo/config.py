@@ -239,14 +239,6 @@ class EvaluateConfig(Section):
     bootstrap: BootstrapConfig = BootstrapConfig()
     batch_size: PositiveInt = 64
 
-    @property
-    def views(self) -> list[View]:
-        return [View.parse(view) for view in self.tta]
-
-    @property
-    def threshold_rule(self) -> ThresholdRule:
-        return ThresholdRule.parse(self.threshold)
-
     @field_validator("tta")
     @classmethod
     def _known_views(cls, views: list[str]) -> list[str]:
