@@ -1,6 +1,7 @@
 """The package's layers (docs/architecture.md): imports only go down.
 
-shared base (config, paths, records, files, errors, interrupts, platforms, markdown)
+shared base (config, specs, paths, records, files, errors, interrupts, platforms, markdown,
+figures)
   < core (the ML, no MLOps tool) < mlops (MLflow, DVC experiments) < stages < cli.
 Every import counts, including the ones inside functions that keep start-up fast.
 """
@@ -84,3 +85,14 @@ def test_the_rule_sees_an_upward_import_inside_a_function(tmp_path, monkeypatch)
     )
     monkeypatch.setattr(f"{__name__}.PACKAGE", fake_package)
     assert upward_imports(source) == ["mlflow", "pneumo.stages", "pneumo.stages.train"]
+
+
+def test_package_init_files_hold_only_a_docstring():
+    """dvc.yaml leaves them out of the stages' deps (tests/record_stage.py), which is right
+    only while they define nothing a stage could compute with."""
+    for init in sorted(PACKAGE.rglob("__init__.py")):
+        body = ast.parse(init.read_text()).body
+        statements = body[1:] if body and isinstance(body[0], ast.Expr) else body
+        allowed = ["__version__"] if init.parent == PACKAGE else []
+        names = [target.id for node in statements for target in getattr(node, "targets", [])]
+        assert len(statements) == len(names) and names == allowed, init

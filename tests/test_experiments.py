@@ -72,8 +72,10 @@ def test_queue_status_reads_states_and_live_workers():
     )
     assert status.states == {"baseline": "Running", "balanced": "Queued"}
     assert status.workers == 2
-    assert parse_queue_status("No experiment tasks in the queue.\n\n"
-                              "Worker status: 0 active, 0 idle\n").workers == 0  # fmt: skip
+    empty = parse_queue_status(
+        "No experiment tasks in the queue.\n\nWorker status: 0 active, 0 idle\n"
+    )
+    assert empty.states == {} and empty.workers == 0
 
 
 def test_waiting_on_a_queue_without_workers_fails_instead_of_hanging(monkeypatch):

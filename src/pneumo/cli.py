@@ -133,22 +133,17 @@ def check(ctx: click.Context) -> None:
 @main.command()
 @click.pass_context
 def validate(ctx: click.Context) -> None:
-    """Validate params.yaml and write every resolved value to reports/params.json.
-
-    The first stage: the others read their params from its output, so DVC runs it before
-    them, and a bad value stops `dvc repro` / `dvc exp run` before any output is removed.
-    """
+    """Validate params.yaml and write every resolved value to reports/params.json."""
     from pneumo.config import ConfigError
-    from pneumo.files import write_json_atomic
+    from pneumo.stages.validate import validate as run_validate
 
     try:
-        params = _params(ctx)
+        run_validate(ctx.obj["params"], paths.RESOLVED_PARAMS)
     except ConfigError as exc:
         raise PneumoError(
             f"{exc}\nNothing was run or removed. {ctx.obj['params']} keeps the value set "
             "(`dvc exp run -S` does not undo it): fix it, or `git checkout params.yaml`"
         ) from exc
-    write_json_atomic(paths.RESOLVED_PARAMS, params.model_dump(mode="json"))
     click.echo(f"{ctx.obj['params']}: valid → {paths.RESOLVED_PARAMS}")
 
 
@@ -373,7 +368,7 @@ def approaches(
 
     from pneumo.mlops import experiments, tracking
 
-    if Path(ctx.obj["params"]) != paths.PARAMS:
+    if Path(ctx.obj["params"]).resolve() != paths.PARAMS.resolve():
         raise PneumoError(
             f"approaches are DVC experiments of this repository's pipeline, which reads "
             f"{paths.PARAMS}: drop --params (put other settings in an approach or -S KEY=VALUE)"

@@ -27,7 +27,7 @@ from pydantic import (
 
 from pneumo import paths
 from pneumo.errors import UserError
-from pneumo.specs import DeviceChoice, ThresholdRule, View
+from pneumo.specs import DeviceChoice, ThresholdRule, View, finite_number
 
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 Backbone = Literal[
@@ -168,7 +168,7 @@ class LossConfig(Section):
         # Checked here rather than as a union of types, to give one message for one mistake.
         if value in ("auto", "none"):
             return value
-        if _finite_number(value) and value > 0:
+        if finite_number(value) and value > 0:
             return float(value)
         raise ValueError("a number above 0, 'auto' or 'none'")
 
@@ -312,10 +312,6 @@ class Params(Section):
         if not names or len(set(names)) != len(names):
             raise ValueError("needs one or more distinct backbone names")
         return names
-
-
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -64,7 +64,7 @@ class ThresholdRule:
                 raise ValueError(f"{value!r} is neither a number nor 'youden' nor 'recall>=X'")
             recall = match["recall"]
             return cls(min_recall=float(recall)) if recall is not None else cls()
-        if not (_finite(value) and 0.0 < value < 1.0):
+        if not (finite_number(value) and 0.0 < value < 1.0):
             raise ValueError("a fixed threshold is a number strictly between 0 and 1")
         return cls(fixed=float(value))
 
@@ -85,5 +85,6 @@ class DeviceChoice:
         return cls(match["kind"], None if index is None else int(index))  # type: ignore[arg-type]
 
 
-def _finite(value: object) -> bool:
+def finite_number(value: object) -> bool:
+    """A real number that is not a bool (YAML's true is 1), inf or nan."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

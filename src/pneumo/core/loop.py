@@ -253,7 +253,6 @@ class FitResult:
     model: nn.Module
     best_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
-    resumed_from_epoch: int = 0
 
     @property
     def best(self) -> dict[str, float]:
@@ -265,9 +264,9 @@ class Run:
     """Everything one fit works with, built once: loaders, network, optimiser and friends.
 
     ``net`` is the plain module; ``model`` is what training calls (``net`` wrapped in DDP
-    and/or compiled). Validation and BatchNorm recomputation use ``net``: DDP's forward would
-    synchronise buffers across processes at every batch, and the processes' shards may
-    differ by one batch.
+    and/or compiled by :func:`wrap_for_training`, after a restore). Validation and BatchNorm
+    recomputation use ``net``: DDP's forward would synchronise buffers across processes at
+    every batch, and the processes' shards may differ by one batch.
     """
 
     net: nn.Module
@@ -344,19 +343,23 @@ def build_run(
     optimizer = torch.optim.AdamW(
         net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
     )
-    model: nn.Module = net
-    if world.distributed:
-        model = nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if cfg.compile:
-        model = torch.compile(model)
     return Run(
-        net=net, model=model, sampler=sampler, train_loader=train_loader,
+        net=net, model=net, sampler=sampler, train_loader=train_loader,
         precise_bn_loader=precise_bn_loader, val_loader=val_loader, loss_fn=loss_fn,
         optimizer=optimizer, scheduler=_scheduler(optimizer, cfg),
         scaler=precision.grad_scaler(), precision=precision, augment=augment,
     )  # fmt: skip
+
+
+def wrap_for_training(run: Run, config: TrainConfig, device: torch.device, world: World) -> None:
+    """``run.model``: the network in DDP under torchrun (which broadcasts rank 0's weights, so
+    after a restore), compiled when ``train.compile`` asks for it."""
+    model: nn.Module = run.net
+    if world.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            run.net, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    run.model = torch.compile(model) if config.compile else model
 
 
 def restore(run: Run, saved: dict[str, Any]) -> Progress:
@@ -452,8 +455,8 @@ def fit(
         for stats in progress.history:
             if on_epoch is not None:
                 on_epoch(stats)
-    resumed_from = progress.epoch
-    for epoch in range(resumed_from + 1, cfg.epochs + 1):
+    wrap_for_training(run, cfg, device, world)
+    for epoch in range(progress.epoch + 1, cfg.epochs + 1):
         if progress.stopped:
             break
         stats = run_epoch(run, params, epoch, device, world)
@@ -472,4 +475,4 @@ def fit(
         if save_state is not None and world.is_main:
             save_state(state_of(run, progress))
     run.net.load_state_dict(progress.best_state)
-    return FitResult(run.net, progress.best_epoch, progress.history, resumed_from)
+    return FitResult(run.net, progress.best_epoch, progress.history)

@@ -151,14 +151,16 @@ def queue_status() -> QueueStatus:
 
 def parse_queue_status(output: str) -> QueueStatus:
     states: dict[str, str] = {}
-    workers = 0
+    workers, in_table = 0, False
     for line in output.splitlines():
         worker_line = re.match(r"Worker status: (\d+) active, (\d+) idle", line)
         if worker_line:
             workers = int(worker_line[1]) + int(worker_line[2])
             continue
         parts = line.split()
-        if len(parts) >= 4 and parts[0] != "Task":
+        if parts[:1] == ["Task"]:  # the header: task rows follow
+            in_table = True
+        elif in_table and len(parts) >= 4:
             states[parts[1]] = parts[-1]
     return QueueStatus(states, workers)
 
