@@ -209,7 +209,7 @@ def tracked_runs(project: Path) -> list:
     """The runs of the project's tracking store, in the tests' experiment."""
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    mlflow.set_tracking_uri(store_uri(project))
     return mlflow.search_runs(experiment_names=["tests"], output_format="list")
 
 
@@ -251,6 +251,29 @@ def tiny_repository(dest: Path) -> Path:
         cwd=dest, check=True, capture_output=True,
     )  # fmt: skip
     return dest
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A copy of the repository after `dvc repro` on the embedded default, and what `dvc repro`
+    printed (about two minutes: run once per session). Tests that change its workspace or git
+    history work on their own copy of it (``shutil.copytree(root, …, symlinks=True)``)."""
+    root = copy_repository(tmp_path_factory.mktemp("clone") / "pneumo")
+    return root, run_tool("dvc", "repro", cwd=root)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def store_uri(project: Path) -> str:
+    """The URI of a project's embedded tracking store (its mlflow.db)."""
+    return f"sqlite:///{project / 'mlflow.db'}"
 
 
 def tool_env(**extra: str) -> dict[str, str]:

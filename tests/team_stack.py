@@ -13,7 +13,6 @@ import glob
 import importlib.util
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.conftest import free_port
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "team-server"
 
@@ -52,12 +53,6 @@ class TeamServer:
                 return [tuple(row) for row in connection.execute(sqlalchemy.text(query), params)]
         finally:
             engine.dispose()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _missing() -> str | None:

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from pneumo.markdown import ReadmeError, update_readme_block
 from pneumo.mlops import registry
 from pneumo.records import Evaluation, InferenceSettings, Registration
-from tests.conftest import TINY_PARAMS, run_cli, tool_env
+from tests.conftest import TINY_PARAMS, run_cli, store_uri, tool_env
 from tests.test_promotion import version_tags
 
 NAME = "pneumo-classifier"
@@ -57,7 +57,7 @@ def _compare_and_register(project: Path) -> Path:
     for command in ("compare", "register"):
         result = run_cli(command)
         assert result.exit_code == 0, result.output
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    mlflow.set_tracking_uri(store_uri(project))
     return project
 
 
@@ -81,7 +81,7 @@ def compared_once(tiny_project: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture
 def read_only(compared_once: Path) -> Path:
-    mlflow.set_tracking_uri(f"sqlite:///{compared_once / 'mlflow.db'}")
+    mlflow.set_tracking_uri(store_uri(compared_once))
     return compared_once
 
 
@@ -179,7 +179,7 @@ def test_a_clone_without_the_training_runs_registers_from_new_runs(compared, tmp
     assert "is not in this tracking store" in done.stderr and "Traceback" not in done.stderr
     record = Registration.read(clone / "reports")
     assert record.versions == {"resnet50": "1", "efficientnet-b0": "2"}
-    uri = f"sqlite:///{clone / 'mlflow.db'}"
+    uri = store_uri(clone)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     for backbone, version in record.versions.items():
         run = client.get_run(client.get_model_version(NAME, version).run_id)

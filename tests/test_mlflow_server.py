@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,14 +13,9 @@ from pathlib import Path
 import pytest
 
 from pneumo.mlops import tracking
+from tests.conftest import free_port, store_uri
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _call(base: str, path: str, body: dict | None = None) -> dict:
@@ -35,11 +29,11 @@ def _call(base: str, path: str, body: dict | None = None) -> dict:
 
 @pytest.fixture
 def server(tiny_project: Path):
-    port = _free_port()
+    port = free_port()
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     process = subprocess.Popen(
         [str(mlflow_bin), "server", "--backend-store-uri",
-         f"sqlite:///{tiny_project / 'mlflow.db'}", "--host", "127.0.0.1",
+         store_uri(tiny_project), "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy(),
     )  # fmt: skip

@@ -1,6 +1,7 @@
-"""End to end: `dvc repro` on the embedded default in a temporary copy of the repository,
-then promotion, prediction, plots, a `dvc exp run` that reruns only what it must, and one
-with a bad value that stops before anything is removed."""
+"""End to end: `dvc repro` on the embedded default in a temporary copy of the repository
+(conftest's ``reproduced``), then promotion, prediction, plots, a `dvc exp run` with a bad
+value that stops before anything is removed, and, in a copy of that repository, an experiment
+that reruns only what it must into the copy's own store and a registration killed midway."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.bands import outside_bands, seed_spread_bands
-from tests.conftest import REPO_ROOT, copy_repository, run_tool, tool_env
+from tests.conftest import REPO_ROOT, run_tool, store_uri, tool_env
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -30,16 +31,6 @@ BACKBONES = ("densenet121", "resnet50", "efficientnet-b4")
 
 def _ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
-
-
-@pytest.fixture(scope="module")
-def repo_copy(tmp_path_factory) -> Path:
-    return copy_repository(tmp_path_factory.mktemp("clone") / "pneumo")
-
-
-@pytest.fixture(scope="module")
-def reproduced(repo_copy: Path) -> tuple[Path, str]:
-    return repo_copy, run_tool("dvc", "repro", cwd=repo_copy)
 
 
 def _same_platform(root: Path) -> bool:
@@ -93,7 +84,7 @@ def test_repro_reproduces_the_committed_results(reproduced):
 
 def test_registry_promote_and_predict(reproduced):
     root, _ = reproduced
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    mlflow.set_tracking_uri(store_uri(root))
     client = MlflowClient()
     versions = client.search_model_versions("name='pneumo-classifier'")
     assert len(versions) == 3
@@ -131,11 +122,11 @@ def test_the_heatmaps_point_at_the_lesions(reproduced):
         assert result["models"][backbone]["hit_rate"] >= 1.5 * result["chance"], result
 
 
-def test_plots_render_offline(reproduced):
+def test_plots_render_offline(reproduced, tmp_path):
     root, _ = reproduced
-    output = run_tool("pneumo", "plots", "-o", "plots_html", cwd=root)
+    output = run_tool("pneumo", "plots", "-o", str(tmp_path / "plots"), cwd=root)
     assert "WARNING" not in output and "ERROR" not in output
-    html = (root / "plots_html/index.html").read_text()
+    html = (tmp_path / "plots/index.html").read_text()
     assert not re.search(r"<script[^>]*src=[\"']?(https?:)?//", html)
     assert "vegaEmbed" in html
     for backbone in BACKBONES:
@@ -144,24 +135,6 @@ def test_plots_render_offline(reproduced):
         assert f'"filename": "{backbone}.csv"' in html
     for title in ("Validation ROC AUC", "Validation loss", "Training loss"):
         assert title in html
-
-
-def test_exp_run_reruns_only_training_and_later(reproduced):
-    root, _ = reproduced
-    # One epoch: which stages rerun depends on what changed, not on how long they train.
-    output = run_tool("dvc", "exp", "run", "-S", "loss.gamma=2.0", "-S", "train.epochs=1", cwd=root)
-    ran = _ran_stages(output)
-    later = {f"{stage}@{b}" for stage in ("train", "evaluate") for b in BACKBONES}
-    assert ran == {"validate", *later, "compare", "readme", "register"}
-    name = re.search(r"Ran experiment\(s\): (\S+)", output)[1]
-    shown = run_tool("dvc", "exp", "show", "--json", cwd=root)
-    assert name in shown and "roc_auc" in shown
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    runs = mlflow.search_runs(
-        experiment_names=["pneumo"], filter_string=f"tags.dvc_experiment = '{name}'"
-    )
-    assert sorted(runs["tags.mlflow.runName"]) == sorted(f"{name}-{b}" for b in BACKBONES)
-    assert set(runs["params.loss.gamma"]) == {"2.0"}
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -186,7 +159,7 @@ def test_a_bad_value_stops_before_anything_is_removed(reproduced):
     (root / "params.yaml").write_text(params)
 
 
-# --- a copied repository, and a registration killed midway --------------------------------
+# --- in a copy: an experiment, and a registration killed midway ----------------------------
 
 
 def _files(folder: Path) -> dict[str, tuple[int, int]]:
@@ -206,24 +179,31 @@ def copied(reproduced, tmp_path_factory) -> Path:
     return copy
 
 
-def test_a_copied_repository_runs_experiments_in_its_own_store(reproduced, copied):
+def test_exp_run_in_a_copy_reruns_only_training_and_later_in_the_copys_store(reproduced, copied):
     root, _ = reproduced
     before = _files(root / "mlartifacts")
-    # The reproduced repository already trained one epoch (test_exp_run_…): another lr
-    # retrains every backbone.
-    output = run_tool("dvc", "exp", "run", "-S", "train.lr=0.0005", cwd=copied)
-    assert {f"train@{b}" for b in BACKBONES} <= _ran_stages(output)
-    assert _files(root / "mlartifacts") == before
+    # One epoch: which stages rerun depends on what changed, not on how long they train.
+    output = run_tool(
+        "dvc", "exp", "run", "-S", "loss.gamma=2.0", "-S", "train.epochs=1", cwd=copied
+    )  # fmt: skip
+    later = {f"{stage}@{b}" for stage in ("train", "evaluate") for b in BACKBONES}
+    assert _ran_stages(output) == {"validate", *later, "compare", "readme", "register"}
     name = re.search(r"Ran experiment\(s\): (\S+)", output)[1]
-    mlflow.set_tracking_uri(f"sqlite:///{copied / 'mlflow.db'}")
-    client = MlflowClient()
+    shown = run_tool("dvc", "exp", "show", "--json", cwd=copied)
+    assert name in shown and "roc_auc" in shown
+
+    # Logged in the copy's own store, nothing in the original's.
+    assert _files(root / "mlartifacts") == before
+    mlflow.set_tracking_uri(store_uri(copied))
     runs = mlflow.search_runs(
         experiment_names=["pneumo"], filter_string=f"tags.dvc_experiment = '{name}'",
         output_format="list",
     )  # fmt: skip
-    assert len(runs) == len(BACKBONES)
+    assert sorted(r.info.run_name for r in runs) == sorted(f"{name}-{b}" for b in BACKBONES)
+    assert {r.data.params["loss.gamma"] for r in runs} == {"2.0"}
     for run in runs:
         assert run.info.artifact_uri.startswith((copied / "mlartifacts").as_uri() + "/")
+    client = MlflowClient()
     for version in client.search_model_versions("name='pneumo-classifier'"):
         assert str(root) not in client.get_model_version_download_uri(
             "pneumo-classifier", version.version
@@ -255,7 +235,7 @@ def test_a_registration_killed_midway_is_finished_by_the_next_repro(copied):
 
     output = run_tool("dvc", "repro", cwd=copied)
     assert "register" in _ran_stages(output)
-    mlflow.set_tracking_uri(f"sqlite:///{copied / 'mlflow.db'}")
+    mlflow.set_tracking_uri(store_uri(copied))
     versions = MlflowClient().search_model_versions("name='pneumo-classifier'")
     assert len(versions) == before + len(BACKBONES)
     keys = [v.tags["registration_key"] for v in versions]

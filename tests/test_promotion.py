@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from pneumo.config import parse_params
 from pneumo.mlops import promotion, registry
 from pneumo.stages import register as register_stage
-from tests.conftest import run_cli
+from tests.conftest import run_cli, store_uri
 
 NAME = "pneumo-classifier"
 DATA = "a" * 64
@@ -64,7 +64,7 @@ def client(in_tmp: Path, empty_store: Path) -> MlflowClient:
 
 
 def _uri(folder: Path) -> str:
-    return f"sqlite:///{folder / 'mlflow.db'}"
+    return store_uri(folder)
 
 
 def add_version(client: MlflowClient, *aliases: str, **tags) -> str:

@@ -8,7 +8,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from packaging.requirements import Requirement
 
 from pneumo.core.inference import SHIPPED_MODULES, IntegrityError
 from pneumo.files import sha256_of
-from tests.conftest import BATCH_TOLERANCE, run_cli, tool_env
+from tests.conftest import BATCH_TOLERANCE, free_port, run_cli, store_uri, tool_env
 
 NAME = "pneumo-classifier"
 CHAMPION = f"models:/{NAME}@champion"
@@ -51,7 +50,7 @@ def registered(tiny_project: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.fixture
 def champion_dir(registered: Path, tmp_path: Path) -> Path:
     """The champion's logged files, downloaded from the artifact store."""
-    mlflow.set_tracking_uri(f"sqlite:///{registered / 'mlflow.db'}")
+    mlflow.set_tracking_uri(store_uri(registered))
     return Path(mlflow.artifacts.download_artifacts(CHAMPION, dst_path=str(tmp_path)))
 
 
@@ -176,19 +175,13 @@ def test_tampered_weights_in_the_artifact_store_are_refused(champion_dir):
 
 def test_predict_from_the_registry_matches_the_model_folder(registered, monkeypatch):
     monkeypatch.chdir(registered)
-    champion = mlflow.MlflowClient(f"sqlite:///{registered / 'mlflow.db'}")
+    champion = mlflow.MlflowClient(store_uri(registered))
     backbone = champion.get_model_version_by_alias(NAME, "champion").tags["backbone"]
     images = [str(_test_image(registered, row)) for row in range(3)]
     from_registry = run_cli("predict", *images, "--output", "json")
     from_folder = run_cli("predict", *images, "--model", f"models/{backbone}", "--output", "json")
     assert from_registry.exit_code == 0, from_registry.output
     assert json.loads(from_registry.stdout) == json.loads(from_folder.stdout)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _post(url: str, body: bytes) -> tuple[int, dict]:
@@ -207,9 +200,9 @@ def _records(records: list[dict]) -> bytes:
 @pytest.fixture(scope="module")
 def served(registered: Path):
     """`mlflow models serve -m models:/…@champion --env-manager local` on a free port."""
-    port = _free_port()
+    port = free_port()
     env = tool_env() | {
-        "MLFLOW_TRACKING_URI": f"sqlite:///{registered / 'mlflow.db'}",
+        "MLFLOW_TRACKING_URI": store_uri(registered),
         # mlflow runs `uvicorn` from PATH: this interpreter's scripts, as in an active venv.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
@@ -252,7 +245,7 @@ def test_the_served_champion_answers_its_input_example_and_a_real_image(
     )
     status, answer = _post(f"{served}/invocations", body.encode())
     assert status == 200, answer
-    client = mlflow.MlflowClient(f"sqlite:///{registered / 'mlflow.db'}")
+    client = mlflow.MlflowClient(store_uri(registered))
     backbone = client.get_model_version_by_alias(NAME, "champion").tags["backbone"]
     expected = pd.read_csv(registered / f"reports/eval/{backbone}/predictions.csv").iloc[1]
     assert answer["predictions"][0]["probability"] == pytest.approx(

@@ -23,6 +23,7 @@ from tests.conftest import (
     pneumo_process,
     run_cli,
     state_epoch,
+    store_uri,
     tracked_runs,
     wait_for_epoch,
     write_params,
@@ -171,7 +172,7 @@ def test_a_failure_while_evaluate_logs_leaves_the_training_run_finished(
         with pytest.raises(RuntimeError, match="store unreachable"):
             run_cli("evaluate", "resnet50")
 
-    mlflow.set_tracking_uri(f"sqlite:///{project_copy / 'mlflow.db'}")
+    mlflow.set_tracking_uri(store_uri(project_copy))
     run = mlflow.get_run(training_run)
     assert run.info.status == "FINISHED"
     assert "test_roc_auc" in run.data.metrics  # logged into it before the failure

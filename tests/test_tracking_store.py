@@ -12,14 +12,14 @@ from mlflow import MlflowClient
 
 from pneumo.config import TrackingConfig
 from pneumo.mlops import tracking
-from tests.conftest import run_cli
+from tests.conftest import run_cli, store_uri
 
 NAME = "pneumo-classifier"
 
 
 def test_the_environment_wins_over_params_which_win_over_the_embedded_store(in_tmp, monkeypatch):
     (in_tmp / "dvc.yaml").write_text("stages: {}\n")
-    embedded = f"sqlite:///{in_tmp / 'mlflow.db'}"
+    embedded = store_uri(in_tmp)
     assert tracking.tracking_uri(TrackingConfig()) == embedded
     assert tracking.store_label(TrackingConfig()) == "embedded"
     configured = TrackingConfig(uri="http://tracking.example:5000")

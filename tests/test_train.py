@@ -24,7 +24,7 @@ from pneumo.core.loop import (
 from pneumo.core.losses import FocalLoss
 from pneumo.core.models import build_model
 from pneumo.mlops import tracking
-from tests.conftest import TINY_PARAMS, run_cli
+from tests.conftest import TINY_PARAMS, run_cli, store_uri
 
 
 def test_outputs_of_the_train_stage(tiny_project):
@@ -50,7 +50,7 @@ def test_the_training_run_is_in_mlflow(tiny_project, monkeypatch):
     assert "mlflow_run_id" not in meta  # the folder holds facts about the model only
     monkeypatch.chdir(tiny_project)  # the run index lies in the repository root
     run_id = tracking.training_run_of(tiny_project / "checkpoints/resnet50/model.pt")
-    mlflow.set_tracking_uri(f"sqlite:///{tiny_project / 'mlflow.db'}")
+    mlflow.set_tracking_uri(store_uri(tiny_project))
     run = mlflow.get_run(run_id)
     assert run.info.run_name == "workspace-resnet50"
     assert run.data.tags["dvc_experiment"] == "workspace"
