@@ -20,7 +20,7 @@ from pneumo.mlops.experiments import (
     render_report,
     set_param_args,
 )
-from tests.conftest import REPO_ROOT, copy_repository, run_cli, run_tool, store_uri
+from tests.conftest import REPO_ROOT, run_cli, run_tool, store_uri, tiny_repository
 
 APPROACHES = REPO_ROOT / "configs/approaches"
 
@@ -159,26 +159,14 @@ def test_readme_experiments_block_equals_the_committed_report():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # ~1.5 min here; a queue that never drains fails long before CI's limit
+@pytest.mark.timeout(900)  # ~1 min here; a queue that never drains fails long before CI's limit
 def test_two_queued_experiments_in_parallel_lose_no_mlflow_run(tmp_path):
-    root = copy_repository(tmp_path / "repo")
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["backbones"] = ["resnet50"]
-    params["data"]["sample"] |= {
-        "train": {"normal": 20, "pneumonia": 30},
-        "test": {"normal": 10, "pneumonia": 10},
-        "image_size": 64,
-    }
-    params["data"]["image_size"] = 32
-    params["train"]["epochs"] = 1
-    params["evaluate"]["bootstrap"]["resamples"] = 50
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    root = tiny_repository(tmp_path / "repo")
 
     def run(*args: str) -> str:
         return run_tool(*args, cwd=root)
 
     # Straight from the commit: each experiment fetches and preprocesses its own tiny sample.
-    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "tiny params")
     output = run("pneumo", "approaches", "baseline", "balanced", "-j", "2", "-S",
                  "train.epochs=1")  # fmt: skip
     assert "finished experiments: baseline, balanced" in output
@@ -187,7 +175,7 @@ def test_two_queued_experiments_in_parallel_lose_no_mlflow_run(tmp_path):
     mlflow.set_tracking_uri(store_uri(root))
     for name in ("baseline", "balanced"):
         runs = mlflow.search_runs(
-            experiment_names=["pneumo"], filter_string=f"tags.dvc_experiment = '{name}'"
+            experiment_names=["tests"], filter_string=f"tags.dvc_experiment = '{name}'"
         )
         assert list(runs["tags.mlflow.runName"]) == [f"{name}-resnet50"]
         assert runs["metrics.test_roc_auc"].notna().all()  # evaluate logged into the same run

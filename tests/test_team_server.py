@@ -83,9 +83,7 @@ def test_a_team_runs_the_pipeline_on_the_server_and_a_second_clone_serves_its_ch
     experiment = client.get_experiment_by_name("tests")
     assert experiment.artifact_location.startswith("mlflow-artifacts:")
     runs = client.search_runs([experiment.experiment_id])
-    assert sorted(r.data.tags["dvc_stage"] for r in runs) == [
-        "train@efficientnet-b0", "train@resnet50"
-    ]  # fmt: skip
+    assert [r.data.tags["dvc_stage"] for r in runs] == ["train@resnet50"]
     for run in runs:
         assert run.info.status == "FINISHED"
         stored = _on_server(team_server, run.info.artifact_uri)
@@ -96,7 +94,7 @@ def test_a_team_runs_the_pipeline_on_the_server_and_a_second_clone_serves_its_ch
     for backbone, version in record["versions"].items():
         source = client.get_model_version_download_uri(NAME, version)
         assert (_on_server(team_server, source) / "MLmodel").is_file(), backbone
-    assert team_server.sql("select count(*) from model_versions") == [(2,)]
+    assert team_server.sql("select count(*) from model_versions") == [(1,)]
 
     # Registering into another store rewrites the record; back on the server, `dvc repro`
     # registers again (reusing the versions) instead of restoring a record from DVC's cache.
@@ -107,7 +105,7 @@ def test_a_team_runs_the_pipeline_on_the_server_and_a_second_clone_serves_its_ch
     assert "Running stage 'register'" in again and "is cached" not in again
     rerecorded = json.loads((first / "reports/registry.json").read_text())
     assert (rerecorded["store"], rerecorded["versions"]) == (team_server.uri, record["versions"])
-    assert team_server.sql("select count(*) from model_versions") == [(2,)]
+    assert team_server.sql("select count(*) from model_versions") == [(1,)]
 
     run_tool("pneumo", "promote", "--force", cwd=first, env=env)  # tiny models: below the floor
     champion = client.get_model_version_by_alias(NAME, "champion")
