@@ -272,7 +272,7 @@ def comparison(raw, root, device, backbone, epochs: int) -> dict:
     result = fit(params, backbone, root / "data/processed", device)
     trained = time.perf_counter() - started
     splits = {name: CachedSplit.load(root / "data/processed", name) for name in ("val", "test")}
-    metrics, _, threshold = assess(result.model, splits, params.evaluate, device)
+    metrics, _, _, threshold = assess(result.model, splits, params.evaluate, device)
     return {
         "backbone": backbone,
         "epochs": epochs,

@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pneumo.core import calibration
+from pneumo.records import InferenceSettings
 from pneumo.stages.evaluate import pr_panel, roc_panel
 from tests.conftest import run_cli
 
@@ -32,16 +34,26 @@ def test_evaluate_outputs(tiny_project):
         "p_hflip",
     ]
     assert len(predictions) == metrics["n_test"]
-    assert np.allclose(predictions.probability, predictions[["p_identity", "p_hflip"]].mean(1))
+    # the mean of the views through the calibration map the model folder keeps
+    mapping = InferenceSettings.read(tiny_project / "models/resnet50").calibration
+    assert mapping.method == metrics["calibration"]["method"]
+    raw = predictions[["p_identity", "p_hflip"]].mean(1).to_numpy()
+    assert np.allclose(predictions.probability, calibration.apply(mapping, raw))
+    for when in ("before", "after"):
+        ece = metrics["calibration"][f"test_{when}"]["ece"]
+        assert ece["ci_low"] <= ece["value"] <= ece["ci_high"]
     counts = metrics["test"]
     assert counts["tp"] + counts["fn"] == (predictions.target == 1).sum()
-    for plot in ("roc.csv", "pr.csv", "calibration.csv", "evaluation.png", "val_predictions.csv"):
+    for plot in ("roc.csv", "pr.csv", "calibration.csv", "evaluation.png", "reliability.png",
+                 "val_predictions.csv"):  # fmt: skip
         assert (out / plot).stat().st_size > 0
 
 
-def test_threshold_ignores_the_test_split(project_copy):
-    """Scrambling the cached test images changes test metrics but never the threshold."""
+def test_threshold_and_calibration_ignore_the_test_split(project_copy):
+    """Scrambling the cached test images changes test metrics but never the threshold, the
+    calibration map or how it was chosen."""
     before = json.loads((project_copy / "reports/eval/resnet50/metrics.json").read_text())
+    settings = InferenceSettings.read(project_copy / "models/resnet50")
     test_file = project_copy / "data/processed/test_images.npy"
     images = np.load(test_file)
     np.save(test_file, np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8))
@@ -49,6 +61,11 @@ def test_threshold_ignores_the_test_split(project_copy):
     after = json.loads((project_copy / "reports/eval/resnet50/metrics.json").read_text())
     assert after["threshold"] == before["threshold"]
     assert after["val"] == before["val"]
+    assert InferenceSettings.read(project_copy / "models/resnet50") == settings
+    assert (
+        after["calibration"]["val_out_of_fold_log_loss"]
+        == (before["calibration"]["val_out_of_fold_log_loss"])
+    )
     assert after["test"]["roc_auc"]["value"] != before["test"]["roc_auc"]["value"]
 
 

@@ -57,8 +57,14 @@ def test_dvc_yaml_paths_match_the_code():
         *(str(Evaluation.predictions(evaluate_dir, split)) for split in ("test", "val")),
         *(
             str(evaluate_dir / name)
-            for name in (paths.EVALUATION_PNG, paths.ROC_CSV, paths.PR_CSV, paths.CALIBRATION_CSV)
-        ),
+            for name in (
+                paths.EVALUATION_PNG,
+                paths.RELIABILITY_PNG,
+                paths.ROC_CSV,
+                paths.PR_CSV,
+                paths.CALIBRATION_CSV,
+            )
+        ),  # fmt: skip
         str(paths.model_dir(b)),
     }
     assert str(paths.checkpoint_dir(b)) in stages["evaluate"]["deps"]

@@ -235,6 +235,9 @@ class BootstrapConfig(Section):
 
 class EvaluateConfig(Section):
     tta: list[str] = ["identity", "hflip"]
+    # A map fitted on validation (pneumo.core.calibration); auto: the lowest cross-validated
+    # log loss among none, temperature, platt and isotonic.
+    calibration: Literal["auto", "none", "temperature", "platt", "isotonic"] = "auto"
     threshold: float | str = "youden"
     bootstrap: BootstrapConfig = BootstrapConfig()
     batch_size: PositiveInt = 64

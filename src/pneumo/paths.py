@@ -31,6 +31,7 @@ PREPROCESS_REPORT = "report.json"  # data/processed: counts, exclusions, duplica
 SAMPLES_PNG = "samples.png"  # data/processed: training images to look at
 CURVES_PNG = "curves.png"  # a checkpoint folder: loss and validation AUC per epoch
 EVALUATION_PNG = "evaluation.png"  # an evaluation folder: ROC, PR, calibration, confusion
+RELIABILITY_PNG = "reliability.png"  # an evaluation folder: before and after calibration
 ROC_CSV = "roc.csv"  # an evaluation folder, also for `dvc plots`
 PR_CSV = "pr.csv"
 CALIBRATION_CSV = "calibration.csv"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict
 
@@ -83,15 +83,30 @@ class ModelCard(Record):
         return folder / cls.WEIGHTS
 
 
+class Calibration(BaseModel):
+    """A monotone map from the TTA-averaged probability to a calibrated one, fitted on the
+    validation split (pneumo.core.calibration applies it): ``sigmoid(slope·logit(p) +
+    intercept)`` for temperature (slope 1/T) and Platt scaling, linear interpolation between
+    ``knots`` (probability, calibrated) for isotonic regression, the identity for none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["none", "temperature", "platt", "isotonic"] = "none"
+    slope: float = 1.0
+    intercept: float = 0.0
+    knots: list[tuple[float, float]] = []
+
+
 class InferenceSettings(Record):
     """How the model folder ``models/<backbone>`` decides, chosen by evaluate on the
-    validation split: TTA views, threshold, and the SHA-256 of the weights they were chosen
-    for (loading refuses other weights)."""
+    validation split: TTA views, calibration, threshold (on calibrated probabilities), and
+    the SHA-256 of the weights they were chosen for (loading refuses other weights)."""
 
     FILE = "inference.json"
     WRITER = "pneumo evaluate {name}"
 
     tta_views: list[str]
+    calibration: Calibration
     threshold: float
     threshold_rule: str
     weights_sha256: str
@@ -126,6 +141,8 @@ class Evaluation(Record):
     threshold: float
     threshold_rule: str
     tta_views: list[str]
+    # the map, how it was chosen, and test ECE/MCE/Brier before and after it
+    calibration: dict[str, Any]
     test: dict[str, dict[str, float] | int]  # value and interval per metric; confusion counts
     test_no_tta: dict[str, float | int]
     val: dict[str, float | int]

@@ -2,7 +2,8 @@
 
 A model folder (``models/<backbone>``, assembled by ``pneumo evaluate``) holds everything needed
 to predict: the weights, the training card (architecture, image preparation) and the inference
-settings chosen on the validation split (TTA views, threshold, SHA-256 of the weights).
+settings chosen on the validation split (TTA views, calibration map, threshold, SHA-256 of the
+weights).
 evaluate, ``pneumo predict`` and the registered MLflow model all go through this module, so a
 folder copied anywhere predicts exactly as it was evaluated.
 
@@ -21,6 +22,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from pneumo.core import calibration
 from pneumo.core.devices import resolve_device
 from pneumo.core.images import ImageDecodeError, prepare_image
 from pneumo.core.models import PneumoniaNet, build_model
@@ -33,7 +35,8 @@ from pneumo.specs import View
 # (tests/test_serving.py checks that loading and predicting imports no other pneumo module).
 SHIPPED_MODULES = (
     "__init__.py", "errors.py", "files.py", "records.py", "specs.py", "core/__init__.py",
-    "core/devices.py", "core/images.py", "core/inference.py", "core/models.py",
+    "core/calibration.py", "core/devices.py", "core/images.py", "core/inference.py",
+    "core/models.py",
 )  # fmt: skip
 
 # The model folder's name among a registered model's MLflow artifacts.
@@ -163,11 +166,12 @@ class Classifier:
         return prepare_image(data, self.card.image_size, self.card.resize)
 
     def probabilities(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """Mean PNEUMONIA probability over the TTA views for (N, size, size) uint8 pixels."""
+        """Calibrated PNEUMONIA probability (the mean over the TTA views, through the folder's
+        calibration map) for (N, size, size) uint8 pixels."""
         per_view = tta_probabilities(
             self.net, pixels, self.settings.tta_views, batch_size=batch_size, device=self.device
         )
-        return per_view.mean(axis=0)
+        return calibration.apply(self.settings.calibration, per_view.mean(axis=0))
 
     def decide(self, probability: float) -> dict:
         positive = probability >= self.settings.threshold

@@ -206,6 +206,45 @@ def metrics_with_ci(
     return out
 
 
+CALIBRATION_BINS = 10
+
+
+def calibration_errors(y: np.ndarray, p: np.ndarray, bins: int = CALIBRATION_BINS) -> dict:
+    """Expected and maximum calibration error over equal-width probability bins, and Brier.
+
+    ECE weighs each bin's |observed frequency - mean probability| by its share of the images
+    (Guo et al. 2017); MCE is the largest gap of a non-empty bin. The Brier score mixes
+    calibration with discrimination: it is reported beside them, not instead.
+    """
+    y, p = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    count = np.bincount(which, minlength=bins)
+    observed = np.bincount(which, weights=y, minlength=bins)
+    predicted = np.bincount(which, weights=p, minlength=bins)
+    gap = np.abs(observed - predicted)
+    filled = count > 0
+    return {
+        "ece": float(gap.sum() / len(y)),
+        "mce": float((gap[filled] / count[filled]).max()),
+        "brier": float(np.mean((p - y) ** 2)),
+    }
+
+
+def calibration_with_ci(
+    y: np.ndarray, p: np.ndarray, *, resamples: int, seed: int
+) -> dict[str, dict[str, float]]:
+    """:func:`calibration_errors` with 95% percentile intervals over stratified resamples
+    (the same resamples as the other metrics' for a given seed)."""
+    y, p = np.asarray(y).astype(int), np.asarray(p, dtype=np.float64)
+    draws = [calibration_errors(y[i], p[i]) for i in stratified_resamples(y, resamples, seed)]
+    point = calibration_errors(y, p)
+    out = {}
+    for name, value in point.items():
+        low, high = np.percentile([d[name] for d in draws], [2.5, 97.5])
+        out[name] = {"value": value, "ci_low": float(low), "ci_high": float(high)}
+    return out
+
+
 def mcnemar_exact(y: np.ndarray, predicted_a: np.ndarray, predicted_b: np.ndarray) -> float:
     """Two-sided exact McNemar p-value for paired accuracies on the same images."""
     correct_a = np.asarray(predicted_a) == np.asarray(y)

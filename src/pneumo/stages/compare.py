@@ -72,6 +72,10 @@ def compare(
             "test": record.test,
             "tta_gain_accuracy": record.tta_gain["accuracy"],
             "tta_gain_roc_auc": record.tta_gain["roc_auc"],
+            "calibration": {
+                "method": record.calibration["method"],
+                **{when: record.calibration[f"test_{when}"] for when in ("before", "after")},
+            },
         }
     p_test = {
         b: t.loc[first_test.index, "probability"].to_numpy() for b, (_, t, _) in loaded.items()
@@ -124,6 +128,7 @@ def compare(
             "epochs": params.train.epochs,
             "loss": params.loss.name,
             "pretrained": params.model.pretrained,
+            "calibration": params.evaluate.calibration,
         },
         best=best,
         ranking=ranking,

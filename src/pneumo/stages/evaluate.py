@@ -1,7 +1,9 @@
-"""Stage `evaluate@<backbone>`: test-time augmentation, a validation-chosen threshold, metrics.
+"""Stage `evaluate@<backbone>`: test-time augmentation, calibration and a threshold chosen on
+validation, metrics.
 
-The threshold is fixed in params.yaml or chosen by a rule on the validation split only; the
-test split is predicted once and never looked at to pick anything.
+The calibration map and the threshold (fixed in params.yaml or chosen by a rule) are fitted on
+the validation split only; the test split is predicted once and never looked at to pick
+anything.
 """
 
 from __future__ import annotations
@@ -16,20 +18,35 @@ import torch
 
 from pneumo import paths, platforms
 from pneumo.config import CLASS_NAMES, EvaluateConfig, Params
+from pneumo.core import calibration
 from pneumo.core.data import CachedSplit
 from pneumo.core.devices import resolve_device
 from pneumo.core.inference import load_network, tta_probabilities
-from pneumo.core.metrics import binary_metrics, choose_threshold, metrics_with_ci
+from pneumo.core.metrics import (
+    CALIBRATION_BINS,
+    binary_metrics,
+    calibration_with_ci,
+    choose_threshold,
+    metrics_with_ci,
+)
 from pneumo.figures import png_figure
 from pneumo.files import sha256_of, staged_dir
 from pneumo.mlops import tracking
-from pneumo.records import Evaluation, InferenceSettings, ModelCard
+from pneumo.records import Calibration, Evaluation, InferenceSettings, ModelCard
 
 log = logging.getLogger(__name__)
 
 
-def predictions_frame(split: CachedSplit, views: list[str], per_view: np.ndarray, threshold):
-    probability = per_view.mean(axis=0)
+def predictions_frame(
+    split: CachedSplit,
+    views: list[str],
+    per_view: np.ndarray,
+    mapping: Calibration,
+    threshold: float,
+) -> pd.DataFrame:
+    """One row per image: the calibrated probability, the label it gives, and each view's raw
+    probability (their mean is the probability before calibration)."""
+    probability = calibration.apply(mapping, per_view.mean(axis=0))
     frame = pd.DataFrame(
         {
             "image": split.manifest.path,
@@ -116,14 +133,49 @@ def _plots(
     return png
 
 
+def fit_calibration(
+    method: str, y_val: np.ndarray, p_val: np.ndarray
+) -> tuple[Calibration, dict[str, float]]:
+    """The configured map fitted on validation; ``auto`` picks one by out-of-fold log loss
+    (returned per candidate; empty for a fixed method)."""
+    if method == "auto":
+        return calibration.choose(y_val, p_val)
+    return calibration.fit(method, y_val, p_val), {}
+
+
+def reliability_plot(
+    y: np.ndarray, raw: np.ndarray, calibrated: dict, p: np.ndarray, png: Path, title: str
+) -> Path:
+    """The reliability diagram before and after the calibration map, with each one's ECE,
+    and how the probabilities spread over the bins."""
+    from sklearn.calibration import CalibrationDisplay
+
+    method = calibrated["method"]
+    with png_figure(png, 2, 1, figsize=(6, 7), height_ratios=(3, 1), sharex=True) as (fig, axes):
+        for probabilities, when, name in ((raw, "before", "uncalibrated"), (p, "after", method)):
+            ece = calibrated[f"test_{when}"]["ece"]
+            CalibrationDisplay.from_predictions(
+                y, probabilities, n_bins=CALIBRATION_BINS, ax=axes[0],
+                name=f"{name}: ECE {ece['value']:.3f} ({ece['ci_low']:.3f}–{ece['ci_high']:.3f})",
+            )  # fmt: skip
+            axes[1].hist(probabilities, bins=CALIBRATION_BINS, range=(0, 1),
+                         histtype="step", label=name)  # fmt: skip
+        axes[0].legend(loc="upper left", fontsize=8)
+        axes[0].set_xlabel("")
+        axes[1].set(xlabel="predicted probability of PNEUMONIA", ylabel="images")
+        fig.suptitle(title)
+    return png
+
+
 def assess(
     model: torch.nn.Module,
     splits: dict[str, CachedSplit],
     cfg: EvaluateConfig,
     device: torch.device,
-) -> tuple[dict, dict[str, np.ndarray], float]:
-    """Metrics of a model on ``splits["test"]`` with TTA and a threshold chosen on
-    ``splits["val"]``; also returns each split's per-view probabilities and the threshold."""
+) -> tuple[dict, dict[str, np.ndarray], Calibration, float]:
+    """Metrics of a model on ``splits["test"]`` with TTA, and a calibration map and a
+    threshold chosen on ``splits["val"]``; also returns each split's per-view (raw)
+    probabilities, the map and the threshold."""
     per_view = {
         name: tta_probabilities(
             model, split.images, cfg.tta, batch_size=cfg.batch_size, device=device
@@ -131,11 +183,12 @@ def assess(
         for name, split in splits.items()
     }
     y_val, y_test = splits["val"].targets, splits["test"].targets
-    p_val = per_view["val"].mean(axis=0)
+    raw_val, raw_test = per_view["val"].mean(axis=0), per_view["test"].mean(axis=0)
+    mapping, losses = fit_calibration(cfg.calibration, y_val, raw_val)
+    p_val, p_test = calibration.apply(mapping, raw_val), calibration.apply(mapping, raw_test)
     threshold = choose_threshold(cfg.threshold, y_val, p_val)
-    p_test = per_view["test"].mean(axis=0)
 
-    # Without TTA: the identity view alone, with its own validation-chosen threshold.
+    # Without TTA: the identity view alone, uncalibrated, with its own validation threshold.
     p_val_plain, p_test_plain = (
         per_view[name][cfg.tta.index("identity")]
         if "identity" in cfg.tta
@@ -149,10 +202,20 @@ def assess(
     test_metrics = metrics_with_ci(
         y_test, p_test, threshold, resamples=boot.resamples, seed=boot.seed
     )
+    calibrated = {
+        "method": mapping.method,
+        "setting": cfg.calibration,
+        "val_out_of_fold_log_loss": losses,
+        "n_val": int(len(y_val)),
+    } | {
+        f"test_{when}": calibration_with_ci(y_test, p, resamples=boot.resamples, seed=boot.seed)
+        for when, p in (("before", raw_test), ("after", p_test))
+    }
     metrics = {
         "threshold": threshold,
         "threshold_rule": str(cfg.threshold),
         "tta_views": list(cfg.tta),
+        "calibration": calibrated,
         "test": test_metrics,
         "test_no_tta": no_tta | {"threshold": threshold_plain},
         "val": binary_metrics(y_val, p_val, threshold),
@@ -162,7 +225,7 @@ def assess(
         "n_test": int(len(y_test)),
         "n_val": int(len(y_val)),
     }
-    return metrics, per_view, threshold
+    return metrics, per_view, mapping, threshold
 
 
 def evaluate(
@@ -182,23 +245,28 @@ def evaluate(
     model, card = load_network(checkpoint_dir)
     model.to(device)
     splits = {name: CachedSplit.load(cache_dir, name) for name in ("val", "test")}
-    assessed, per_view, threshold = assess(model, splits, cfg, device)
+    assessed, per_view, mapping, threshold = assess(model, splits, cfg, device)
     record = Evaluation(
         backbone=backbone, **assessed, data_hash=card.data_hash,
         platforms=platforms.distinct([card.platform, platforms.describe(device)]),
     )  # fmt: skip
-    write_model_folder(checkpoint_dir, model_dir, record)
+    write_model_folder(checkpoint_dir, model_dir, record, mapping)
     test_metrics, val_metrics, no_tta = record.test, record.val, record.test_no_tta
 
     out_dir.mkdir(parents=True, exist_ok=True)
     frames = {
-        split: predictions_frame(splits[split], cfg.tta, per_view[split], threshold)
+        split: predictions_frame(splits[split], cfg.tta, per_view[split], mapping, threshold)
         for split in ("test", "val")
     }
     for split, frame in frames.items():
         frame.to_csv(Evaluation.predictions(out_dir, split), index=False)
     title = f"{backbone}: test split"
     png = _plots(frames["test"], threshold, test_metrics["roc_auc"], out_dir, title)
+    reliability = reliability_plot(
+        splits["test"].targets, per_view["test"].mean(axis=0), record.calibration,
+        frames["test"].probability.to_numpy(), out_dir / paths.RELIABILITY_PNG,
+        f"{backbone}: test split, calibration fitted on validation",
+    )  # fmt: skip
     record_file = record.write(out_dir)
 
     # Logged into the training run by id: its status (FINISHED) is never touched.
@@ -209,9 +277,16 @@ def evaluate(
         flat = {f"test_{m}": v["value"] for m, v in test_metrics.items() if isinstance(v, dict)}
         flat |= {f"val_{m}": v for m, v in val_metrics.items()}
         flat |= {f"test_no_tta_{m}": v for m, v in no_tta.items()}
+        flat |= {
+            f"test_{name}_{when}": value["value"]
+            for when in ("before", "after")
+            for name, value in record.calibration[f"test_{when}"].items()
+        }
         flat |= {"threshold": threshold}
         tracking.log_metrics({k: v for k, v in flat.items() if np.isfinite(v)}, run_id=run_id)
-        tracking.log_artifacts([png, record_file], artifact_path="evaluation", run_id=run_id)
+        tracking.log_artifacts(
+            [png, reliability, record_file], artifact_path="evaluation", run_id=run_id
+        )
     log.info(
         "%s: test accuracy %.4f AUC %.4f at threshold %.3f (%s)",
         backbone,
@@ -223,12 +298,15 @@ def evaluate(
     return record
 
 
-def write_model_folder(checkpoint_dir: Path, model_dir: Path, evaluation: Evaluation) -> None:
+def write_model_folder(
+    checkpoint_dir: Path, model_dir: Path, evaluation: Evaluation, mapping: Calibration
+) -> None:
     """The checkpoint's weights and card plus the inference settings evaluation chose, in one
     folder that predicts on its own wherever it is copied."""
     weights = ModelCard.weights(checkpoint_dir)
     settings = InferenceSettings(
         tta_views=evaluation.tta_views,
+        calibration=mapping,
         threshold=evaluation.threshold,
         threshold_rule=evaluation.threshold_rule,
         weights_sha256=sha256_of(weights),
