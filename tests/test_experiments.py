@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import mlflow
 import pytest
 import yaml
 
 from pneumo.config import ConfigError
+from pneumo.mlops import experiments
 from pneumo.mlops.experiments import (
     APPROACH_ORDER,
     ExperimentError,
@@ -94,6 +97,20 @@ def test_waiting_on_a_queue_without_workers_fails_instead_of_hanging(monkeypatch
     with pytest.raises(ExperimentError, match=r"\['balanced', 'baseline'\].*no DVC queue worker"):
         queue_and_run(["baseline", "balanced"], jobs=2, poll_seconds=0, workerless_seconds=0.05)
     assert calls.count(("queue", "status")) >= 2  # it waited for the grace period first
+
+
+def test_dvc_returns_when_it_exits_although_a_daemon_it_left_holds_its_output(
+    tmp_path, monkeypatch
+):
+    """`dvc queue start` exits leaving workers that inherit its stdout; an idle worker may
+    live on, and waiting for the end of a pipe it holds would hang `pneumo approaches`."""
+    fake = tmp_path / "dvc"
+    fake.write_text("#!/bin/sh\n(sleep 30) &\necho started\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    started = time.monotonic()
+    assert experiments._dvc("queue", "start") == "started\n"
+    assert time.monotonic() - started < 10
 
 
 def test_approaches_refuse_another_params_file(in_tmp):

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,10 +79,19 @@ def _hydra_value(value: Any) -> str:
 
 
 def _dvc(*args: str, env: dict[str, str] | None = None) -> str:
-    done = subprocess.run(["dvc", *args], capture_output=True, text=True, env=env)
+    """Run `dvc ARGS` to its exit and return its stdout.
+
+    The output goes through temporary files, not pipes: `dvc queue start` leaves daemonized
+    queue workers that inherit its stdout and stderr, and reading a pipe to its end waits until
+    the last of them exits, which an idle worker may never do (a hang seen in CI).
+    """
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        done = subprocess.run(["dvc", *args], stdout=out, stderr=err, text=True, env=env)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if done.returncode != 0:
-        raise ExperimentError(f"dvc {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
-    return done.stdout
+        raise ExperimentError(f"dvc {' '.join(args)} failed:\n{stdout}{stderr}")
+    return stdout
 
 
 def queue_and_run(
