@@ -106,9 +106,22 @@ TINY_PARAMS = {
         "val_fraction": 0.25,
     },
     "train": {"epochs": 2, "batch_size": 16, "patience": 2},
-    "evaluate": {"tta": ["identity", "hflip"], "bootstrap": {"resamples": 50, "seed": 0}},
+    "evaluate": {
+        "tta": ["identity", "hflip"],
+        "refer": "sensitivity>=0.98,specificity>=0.95",
+        "bootstrap": {"resamples": 50, "seed": 0},
+    },
     "tracking": {"experiment": "tests"},
 }
+
+
+def expected_answers(predictions) -> list[str]:
+    """What predict and the served model answer for the rows of an evaluate predictions.csv:
+    REFER inside the referral band, else the threshold's label."""
+    return [
+        "REFER" if referred else label
+        for referred, label in zip(predictions.referred, predictions.predicted, strict=True)
+    ]
 
 
 def _run_stages(*commands: tuple[str, ...]) -> None:

@@ -36,7 +36,7 @@ def test_evaluations_of_different_caches_are_not_compared(in_tmp):
         folder.mkdir(parents=True)
         Evaluation(
             backbone=backbone, threshold=0.5, threshold_rule="0.5", tta_views=["identity"],
-            calibration={"method": "none"},
+            calibration={"method": "none"}, referral={},
             test={}, test_no_tta={}, val={}, tta_gain={}, n_test=1, n_val=1, data_hash=data_hash,
             platforms=[],
         ).write(folder)  # fmt: skip
@@ -236,7 +236,7 @@ def test_predict_reports_a_corrupt_file_and_still_predicts_the_others(project_co
     rows = list(pd.read_csv(__import__("io").StringIO(result.output)).itertuples())
     assert [Path(r.file).name for r in rows] == [images[0].name, "corrupt.jpeg", images[1].name]
     assert pd.isna(rows[1].probability) and isinstance(rows[1].error, str)
-    assert 0 <= rows[0].probability <= 1 and rows[0].label in ("NORMAL", "PNEUMONIA")
+    assert 0 <= rows[0].probability <= 1 and rows[0].label in ("NORMAL", "PNEUMONIA", "REFER")
 
 
 def test_predict_a_folder_with_the_local_model(project_copy):

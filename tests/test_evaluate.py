@@ -30,6 +30,7 @@ def test_evaluate_outputs(tiny_project):
         "target",
         "probability",
         "predicted",
+        "referred",
         "p_identity",
         "p_hflip",
     ]
@@ -42,16 +43,26 @@ def test_evaluate_outputs(tiny_project):
     for when in ("before", "after"):
         ece = metrics["calibration"][f"test_{when}"]["ece"]
         assert ece["ci_low"] <= ece["value"] <= ece["ci_high"]
+    # the band the folder keeps, holding the threshold, and what it did on test
+    band = InferenceSettings.read(tiny_project / "models/resnet50").referral
+    assert (band.rule, band.low, band.high) == tuple(
+        metrics["referral"][k] for k in ("rule", "low", "high")
+    )
+    assert band.low <= metrics["threshold"] <= band.high
+    assert list(predictions.referred) == list(band.refers(predictions.probability))
+    coverage = metrics["referral"]["test"]["coverage"]
+    assert coverage["value"] == pytest.approx(1 - predictions.referred.mean())
+    assert metrics["referral"]["test"]["n_referred"] == predictions.referred.sum()
     counts = metrics["test"]
     assert counts["tp"] + counts["fn"] == (predictions.target == 1).sum()
-    for plot in ("roc.csv", "pr.csv", "calibration.csv", "evaluation.png", "reliability.png",
-                 "val_predictions.csv"):  # fmt: skip
+    for plot in ("roc.csv", "pr.csv", "calibration.csv", "risk_coverage.csv", "evaluation.png",
+                 "reliability.png", "referral.png", "val_predictions.csv"):  # fmt: skip
         assert (out / plot).stat().st_size > 0
 
 
-def test_threshold_and_calibration_ignore_the_test_split(project_copy):
+def test_threshold_calibration_and_referral_band_ignore_the_test_split(project_copy):
     """Scrambling the cached test images changes test metrics but never the threshold, the
-    calibration map or how it was chosen."""
+    calibration map, the referral band or how they were chosen."""
     before = json.loads((project_copy / "reports/eval/resnet50/metrics.json").read_text())
     settings = InferenceSettings.read(project_copy / "models/resnet50")
     test_file = project_copy / "data/processed/test_images.npy"
@@ -66,6 +77,8 @@ def test_threshold_and_calibration_ignore_the_test_split(project_copy):
         after["calibration"]["val_out_of_fold_log_loss"]
         == (before["calibration"]["val_out_of_fold_log_loss"])
     )
+    for key in ("rule", "low", "high", "val_coverage"):
+        assert after["referral"][key] == before["referral"][key]
     assert after["test"]["roc_auc"]["value"] != before["test"]["roc_auc"]["value"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,8 @@ from pneumo.core.inference import (
     tta_probabilities,
     tta_view,
 )
-from tests.conftest import jpeg_bytes, run_cli, tool_env, write_tree
+from pneumo.records import InferenceSettings, Referral
+from tests.conftest import expected_answers, jpeg_bytes, run_cli, tool_env, write_tree
 
 
 def _symmetric_image() -> torch.Tensor:
@@ -100,7 +102,7 @@ def test_a_copied_model_folder_predicts_exactly_what_evaluate_did(tiny_project, 
     predicted = pd.read_csv(StringIO(result.stdout))
     assert list(predicted.file) == list(expected.file)
     np.testing.assert_allclose(predicted.probability, expected.probability, atol=1e-6)
-    assert list(predicted.label) == list(expected.predicted)
+    assert list(predicted.label) == expected_answers(expected)
 
 
 def test_weights_changed_after_evaluation_are_refused(tiny_project, tmp_path):
@@ -180,3 +182,35 @@ def test_predict_explain_writes_one_grad_cam_figure_per_image(tiny_project, in_t
     assert [f.name for f in figures] == [Path(i).stem + ".png" for i in images]
     assert all(f.stat().st_size > 10_000 for f in figures)
     assert pd.isna(rows.explanation.iloc[-1]) and isinstance(rows.error.iloc[-1], str)
+
+
+def test_an_image_in_the_referral_band_is_answered_refer(tiny_project, in_tmp, monkeypatch):
+    """A folder whose band holds every probability answers REFER in CSV and JSON, and the
+    Grad-CAM title says so; the same images outside the band get their labels."""
+    from pneumo.core import explain
+
+    folder = shutil.copytree(tiny_project / "models/resnet50", in_tmp / "model")
+    settings = InferenceSettings.read(folder)
+    images = _test_images(tiny_project, 3).file.tolist()
+    everything = Referral(rule="test", low=0.0, high=1.5)
+    settings.model_copy(update={"referral": everything}).write(folder)
+    titles = []
+    drawn = explain.explanation_png
+    monkeypatch.setattr(
+        explain,
+        "explanation_png",
+        lambda pixels, cam, p, label, path: (
+            titles.append(label) or drawn(pixels, cam, p, label, path)
+        ),
+    )
+    result = run_cli("predict", "--model", str(folder), "--explain", "cams", *images)
+    assert result.exit_code == 0, result.output
+    assert list(pd.read_csv(StringIO(result.stdout)).label) == ["REFER"] * 3
+    assert titles == ["REFER: in the referral band [0.000, 1.500)"] * 3
+    result = run_cli("predict", "--model", str(folder), "--output", "json", images[0])
+    assert json.loads(result.stdout)[0]["label"] == "REFER"
+
+    empty = Referral(rule="none", low=settings.threshold, high=settings.threshold)
+    settings.model_copy(update={"referral": empty}).write(folder)
+    result = run_cli("predict", "--model", str(folder), *images)
+    assert "REFER" not in set(pd.read_csv(StringIO(result.stdout)).label)

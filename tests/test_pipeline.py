@@ -15,14 +15,24 @@ import sqlite3
 import subprocess
 import sys
 import time
+from io import StringIO
 from pathlib import Path
 
 import mlflow
+import numpy as np
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
 from tests.bands import outside_bands, seed_spread_bands
-from tests.conftest import REPO_ROOT, run_tool, store_uri, tool_env
+from tests.conftest import (
+    BATCH_TOLERANCE,
+    REPO_ROOT,
+    expected_answers,
+    run_tool,
+    store_uri,
+    tool_env,
+)
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -96,14 +106,19 @@ def test_registry_promote_and_predict(reproduced):
     assert f"version {challenger.version} promoted to @champion" in promoted
     history = run_tool("pneumo", "promote", "--history", cwd=root).strip().splitlines()
     assert [line.split()[2] for line in history[1:]] == ["promoted"]  # under the header
-    images = sorted((root / "data/raw/test/PNEUMONIA").iterdir())[:3]
-    output = run_tool("pneumo", "predict", *map(str, images), cwd=root)
-    lines = output.strip().splitlines()
-    assert lines[-4] == "file,probability,label,error"
-    for line in lines[-3:]:  # a confident model may print 1.0 or 3e-05
-        _, probability, label, error = line.rsplit(",", 3)
-        assert 0.0 <= float(probability) <= 1.0 and label in ("NORMAL", "PNEUMONIA"), line
-        assert error == ""
+    # The champion's own test predictions: the first image its band refers and the first two
+    # it answers; a new process must give the same answers.
+    predictions = pd.read_csv(root / f"reports/eval/{best}/predictions.csv")
+    referred = predictions[predictions.referred]
+    assert len(referred) > 0, "the sample's champion should refer some test images"
+    chosen = pd.concat([referred.head(1), predictions[~predictions.referred].head(2)])
+    images = [str(root / "data/raw" / image) for image in chosen.image]
+    output = run_tool("pneumo", "predict", *images, cwd=root)
+    rows = pd.read_csv(StringIO(output[output.index("file,probability,label,error") :]))
+    assert list(rows.file) == images
+    assert list(rows.label) == expected_answers(chosen) and rows.label.iloc[0] == "REFER"
+    np.testing.assert_allclose(rows.probability, chosen.probability, atol=BATCH_TOLERANCE)
+    assert rows.error.isna().all()
 
 
 def test_the_heatmaps_point_at_the_lesions(reproduced):
@@ -130,7 +145,13 @@ def test_plots_render_offline(reproduced, tmp_path):
     assert not re.search(r"<script[^>]*src=[\"']?(https?:)?//", html)
     assert "vegaEmbed" in html
     for backbone in BACKBONES:
-        for name in ("roc_csv", "pr_csv", "calibration_csv", "predictions_csv"):
+        for name in (
+            "roc_csv",
+            "pr_csv",
+            "calibration_csv",
+            "risk_coverage_csv",
+            "predictions_csv",
+        ):
             assert f"reports_eval_{backbone}_{name}" in html, (backbone, name)
         assert f'"filename": "{backbone}.csv"' in html
     for title in ("Validation ROC AUC", "Validation loss", "Training loss"):

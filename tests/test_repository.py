@@ -60,9 +60,11 @@ def test_dvc_yaml_paths_match_the_code():
             for name in (
                 paths.EVALUATION_PNG,
                 paths.RELIABILITY_PNG,
+                paths.REFERRAL_PNG,
                 paths.ROC_CSV,
                 paths.PR_CSV,
                 paths.CALIBRATION_CSV,
+                paths.RISK_COVERAGE_CSV,
             )
         ),  # fmt: skip
         str(paths.model_dir(b)),

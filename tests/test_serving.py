@@ -17,6 +17,7 @@ from importlib.metadata import distribution, packages_distributions
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -24,7 +25,14 @@ from packaging.requirements import Requirement
 
 from pneumo.core.inference import SHIPPED_MODULES, IntegrityError
 from pneumo.files import sha256_of
-from tests.conftest import BATCH_TOLERANCE, free_port, run_cli, store_uri, tool_env
+from tests.conftest import (
+    BATCH_TOLERANCE,
+    expected_answers,
+    free_port,
+    run_cli,
+    store_uri,
+    tool_env,
+)
 
 NAME = "pneumo-classifier"
 CHAMPION = f"models:/{NAME}@champion"
@@ -239,19 +247,19 @@ def test_the_served_champion_answers_its_input_example_and_a_real_image(
     [row] = answer["predictions"]
     assert set(row) == {"probability", "label"}
 
-    image = _test_image(registered, 1)
-    body = json.dumps(
-        {"dataframe_records": [{"image": base64.b64encode(image.read_bytes()).decode()}]}
+    # Eight test images, REFER among the answers wherever the champion's band holds one.
+    images = [_test_image(registered, row) for row in range(8)]
+    records = [{"image": base64.b64encode(image.read_bytes()).decode()} for image in images]
+    status, answer = _post(
+        f"{served}/invocations", json.dumps({"dataframe_records": records}).encode()
     )
-    status, answer = _post(f"{served}/invocations", body.encode())
     assert status == 200, answer
     client = mlflow.MlflowClient(store_uri(registered))
     backbone = client.get_model_version_by_alias(NAME, "champion").tags["backbone"]
-    expected = pd.read_csv(registered / f"reports/eval/{backbone}/predictions.csv").iloc[1]
-    assert answer["predictions"][0]["probability"] == pytest.approx(
-        expected.probability, abs=BATCH_TOLERANCE
-    )
-    assert answer["predictions"][0]["label"] == expected.predicted
+    expected = pd.read_csv(registered / f"reports/eval/{backbone}/predictions.csv").head(8)
+    served_rows = pd.DataFrame(answer["predictions"])
+    np.testing.assert_allclose(served_rows.probability, expected.probability, atol=BATCH_TOLERANCE)
+    assert list(served_rows.label) == expected_answers(expected)
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from pydantic import (
 
 from pneumo import paths
 from pneumo.errors import UserError
-from pneumo.specs import DeviceChoice, ThresholdRule, View, finite_number
+from pneumo.specs import DeviceChoice, ReferralRule, ThresholdRule, View, finite_number
 
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 Backbone = Literal[
@@ -239,6 +239,9 @@ class EvaluateConfig(Section):
     # log loss among none, temperature, platt and isotonic.
     calibration: Literal["auto", "none", "temperature", "platt", "isotonic"] = "auto"
     threshold: float | str = "youden"
+    # Floors on validation that pick a band of probabilities answered REFER instead of a label
+    # (pneumo.core.referral); none answers every image.
+    refer: str = "none"
     bootstrap: BootstrapConfig = BootstrapConfig()
     batch_size: PositiveInt = 64
 
@@ -258,6 +261,12 @@ class EvaluateConfig(Section):
     def _threshold_rule(cls, value: Any) -> float | str:
         rule = ThresholdRule.parse(value)
         return value if rule.fixed is None else rule.fixed
+
+    @field_validator("refer")
+    @classmethod
+    def _referral_rule(cls, value: str) -> str:
+        ReferralRule.parse(value)
+        return value
 
 
 class CompareConfig(Section):

@@ -71,6 +71,7 @@ def render_comparison(result: Comparison) -> str:
             + " |"
         )
     lines += _calibration_table(result)
+    lines += _referral_table(result)
     lines += [
         "",
         f"Paired tests, {result.best} against each other model on the same test images:",
@@ -117,6 +118,42 @@ def _calibration_table(result: Comparison) -> list[str]:
                 f"| {before['mce']['value']:.3f} → {after['mce']['value']:.3f} "
                 f"| {before['brier']['value']:.3f} → {after['brier']['value']:.3f} |"
             )
+    return lines
+
+
+def _referral_table(result: Comparison) -> list[str]:
+    """Each backbone's REFER band (chosen on validation) and, on test, the share it answers
+    and how the answered images fare."""
+    bands = {name: row["referral"] for name, row in result.rows.items() if "referral" in row}
+    rule = result.settings.get("refer", "none")
+    if not bands or rule == "none":
+        return []
+    lines = [
+        "",
+        f"Referral bands chosen on validation (`evaluate.refer: {rule}`): inside the band the "
+        "answer is REFER. On test, the share answered and the metrics of the answered images "
+        "(95% CI):",
+        "",
+        "| model | REFER band | coverage | sensitivity | specificity | accuracy "
+        "| referred (PNEUMONIA) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in result.ranking:
+        if name not in bands:
+            continue
+        band = bands[name]
+        answered = band.get("answered")
+        cells = (
+            [format_metric(answered[m]) for m in ("recall", "specificity", "accuracy")]
+            if answered
+            else ["–"] * 3
+        )
+        lines.append(
+            f"| {name} | [{band['low']:.3f}, {band['high']:.3f}) "
+            f"| {format_metric(band['coverage'])} | "
+            + " | ".join(cells)
+            + f" | {band['n_referred']} ({band['n_referred_pneumonia']}) |"
+        )
     return lines
 
 

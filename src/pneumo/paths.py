@@ -32,9 +32,11 @@ SAMPLES_PNG = "samples.png"  # data/processed: training images to look at
 CURVES_PNG = "curves.png"  # a checkpoint folder: loss and validation AUC per epoch
 EVALUATION_PNG = "evaluation.png"  # an evaluation folder: ROC, PR, calibration, confusion
 RELIABILITY_PNG = "reliability.png"  # an evaluation folder: before and after calibration
+REFERRAL_PNG = "referral.png"  # an evaluation folder: risk-coverage and the REFER band
 ROC_CSV = "roc.csv"  # an evaluation folder, also for `dvc plots`
 PR_CSV = "pr.csv"
 CALIBRATION_CSV = "calibration.csv"
+RISK_COVERAGE_CSV = "risk_coverage.csv"
 
 
 def cache_images(split: str) -> str:

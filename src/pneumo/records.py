@@ -97,10 +97,28 @@ class Calibration(BaseModel):
     knots: list[tuple[float, float]] = []
 
 
+class Referral(BaseModel):
+    """The band of calibrated probabilities answered REFER instead of a label, ``low <= p <
+    high``, chosen on the validation split by ``rule`` (pneumo.core.referral). It always holds
+    the threshold, so an answered image gets the label the threshold gives it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    LABEL: ClassVar[str] = "REFER"
+
+    rule: str
+    low: float
+    high: float
+
+    def refers(self, probability):
+        """True inside the band, for a probability or elementwise for an array of them."""
+        return (self.low <= probability) & (probability < self.high)
+
+
 class InferenceSettings(Record):
     """How the model folder ``models/<backbone>`` decides, chosen by evaluate on the
-    validation split: TTA views, calibration, threshold (on calibrated probabilities), and
-    the SHA-256 of the weights they were chosen for (loading refuses other weights)."""
+    validation split: TTA views, calibration, threshold and referral band (on calibrated
+    probabilities), and the SHA-256 of the weights they were chosen for (loading refuses other
+    weights)."""
 
     FILE = "inference.json"
     WRITER = "pneumo evaluate {name}"
@@ -109,6 +127,7 @@ class InferenceSettings(Record):
     calibration: Calibration
     threshold: float
     threshold_rule: str
+    referral: Referral
     weights_sha256: str
 
 
@@ -143,6 +162,8 @@ class Evaluation(Record):
     tta_views: list[str]
     # the map, how it was chosen, and test ECE/MCE/Brier before and after it
     calibration: dict[str, Any]
+    # the band, and on test its coverage and the metrics of the answered images (with CIs)
+    referral: dict[str, Any]
     test: dict[str, dict[str, float] | int]  # value and interval per metric; confusion counts
     test_no_tta: dict[str, float | int]
     val: dict[str, float | int]

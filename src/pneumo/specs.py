@@ -1,9 +1,9 @@
-"""The small languages inside params.yaml, each defined once: TTA views, threshold rules and
-devices. ``parse`` turns the text into a typed value or raises ``ValueError`` with what is
-allowed; config validates with it and the code that acts on a value (inference, metrics,
-devices) reads the typed value, never the text. The text stays what records and MLflow keep,
-so a model folder's JSON reads back the same way (the served model ships this module).
-"""
+"""The small languages inside params.yaml, each defined once: TTA views, threshold rules,
+referral rules and devices. ``parse`` turns the text into a typed value or raises
+``ValueError`` with what is allowed; config validates with it and the code that acts on a value
+(inference, metrics, referral, devices) reads the typed value, never the text. The text stays
+what records and MLflow keep, so a model folder's JSON reads back the same way (the served
+model ships this module)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ _VIEW = re.compile(
     r"identity|hflip|rotate:(?P<degrees>[+-]?\d+(\.\d+)?)|scale:(?P<factor>\d+(\.\d+)?)"
 )
 _RULE = re.compile(r"youden|recall>=(?P<recall>0(\.\d+)?|1(\.0+)?)")
+_REFERRAL_PART = re.compile(r"(?P<metric>sensitivity|specificity)>=(?P<floor>0(\.\d+)?|1(\.0+)?)")
 _DEVICE = re.compile(r"(?P<kind>auto|cpu|mps|cuda)(:(?P<index>\d+))?")
 
 
@@ -67,6 +68,31 @@ class ThresholdRule:
         if not (finite_number(value) and 0.0 < value < 1.0):
             raise ValueError("a fixed threshold is a number strictly between 0 and 1")
         return cls(fixed=float(value))
+
+
+@dataclass(frozen=True)
+class ReferralRule:
+    """``none``, or the floors the answered images must meet on validation, comma-separated:
+    ``sensitivity>=X`` (at most 1-X of the PNEUMONIA images answered NORMAL) and/or
+    ``specificity>=Y`` (at most 1-Y of the NORMAL images answered PNEUMONIA)."""
+
+    min_sensitivity: float | None = None
+    min_specificity: float | None = None
+
+    @classmethod
+    def parse(cls, value: str) -> ReferralRule:
+        if value == "none":
+            return cls()
+        floors: dict[str, float] = {}
+        for part in value.split(","):
+            match = _REFERRAL_PART.fullmatch(part.strip())
+            if not match or match["metric"] in floors:
+                raise ValueError(
+                    f"{value!r} is neither 'none' nor a rule such as "
+                    "'sensitivity>=0.98,specificity>=0.95' (each floor at most once)"
+                )
+            floors[match["metric"]] = float(match["floor"])
+        return cls(floors.get("sensitivity"), floors.get("specificity"))
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 A model folder (``models/<backbone>``, assembled by ``pneumo evaluate``) holds everything needed
 to predict: the weights, the training card (architecture, image preparation) and the inference
-settings chosen on the validation split (TTA views, calibration map, threshold, SHA-256 of the
-weights).
+settings chosen on the validation split (TTA views, calibration map, threshold, referral band,
+SHA-256 of the weights).
 evaluate, ``pneumo predict`` and the registered MLflow model all go through this module, so a
 folder copied anywhere predicts exactly as it was evaluated.
 
@@ -28,7 +28,7 @@ from pneumo.core.images import ImageDecodeError, prepare_image
 from pneumo.core.models import PneumoniaNet, build_model
 from pneumo.errors import UserError
 from pneumo.files import sha256_of
-from pneumo.records import InferenceSettings, ModelCard
+from pneumo.records import InferenceSettings, ModelCard, Referral
 from pneumo.specs import View
 
 # What a model needs at run time, relative to the package: the registered model ships these
@@ -174,6 +174,10 @@ class Classifier:
         return calibration.apply(self.settings.calibration, per_view.mean(axis=0))
 
     def decide(self, probability: float) -> dict:
+        """The answer for one calibrated probability: REFER inside the referral band, else
+        the label the threshold gives."""
+        if self.settings.referral.refers(probability):
+            return {"probability": probability, "label": Referral.LABEL}
         positive = probability >= self.settings.threshold
         return {"probability": probability, "label": self.card.class_names[int(positive)]}
 

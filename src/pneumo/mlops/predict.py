@@ -116,8 +116,11 @@ class Explanations:
             number += 1
             name = f"{file.stem}-{number}.png"
         self.taken.add(name)
+        label, band = row["label"], self.classifier.settings.referral
+        if label == band.LABEL:  # say why: the probability lies in the band
+            label = f"{label}: in the referral band [{band.low:.3f}, {band.high:.3f})"
         return self.explain.explanation_png(
-            pixels, cam, row["probability"], row["label"], self.out_dir / name
+            pixels, cam, row["probability"], label, self.out_dir / name
         )
 
 

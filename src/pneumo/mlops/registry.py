@@ -124,6 +124,7 @@ def register(params: Params, backbone: str, model_dir: Path, eval_dir: Path, raw
         "weights_sha256": weights_sha256,
         KEY_TAG: registration_key(model_dir),
         "threshold": f"{evaluation.threshold:.6f}",
+        "refer_band": f"[{evaluation.referral['low']:.6f}, {evaluation.referral['high']:.6f})",
         "select_by": params.compare.select_by,
         params.compare.select_by: f"{evaluation.val[select]:.6f}",
         FLOOR_METRIC: f"{evaluation.val['roc_auc']:.6f}",

@@ -8,7 +8,8 @@ their SHA-256 is checked against the one recorded at registration (``model_confi
 
 Input: a DataFrame with an ``image`` column of base64-encoded image files (PNG, JPEG, …, or
 DICOM with pydicom installed). Output: ``probability`` (of PNEUMONIA, averaged over the TTA
-views) and ``label`` (the decision at the validation-chosen threshold).
+views, then calibrated) and ``label``: REFER inside the validation-chosen referral band, else
+NORMAL or PNEUMONIA at the validation-chosen threshold.
 """
 
 from __future__ import annotations

@@ -76,6 +76,8 @@ def compare(
                 "method": record.calibration["method"],
                 **{when: record.calibration[f"test_{when}"] for when in ("before", "after")},
             },
+            "referral": {key: record.referral[key] for key in ("rule", "low", "high")}
+            | record.referral["test"],
         }
     p_test = {
         b: t.loc[first_test.index, "probability"].to_numpy() for b, (_, t, _) in loaded.items()
@@ -129,6 +131,7 @@ def compare(
             "loss": params.loss.name,
             "pretrained": params.model.pretrained,
             "calibration": params.evaluate.calibration,
+            "refer": params.evaluate.refer,
         },
         best=best,
         ranking=ranking,

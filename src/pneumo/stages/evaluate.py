@@ -1,15 +1,16 @@
-"""Stage `evaluate@<backbone>`: test-time augmentation, calibration and a threshold chosen on
-validation, metrics.
+"""Stage `evaluate@<backbone>`: test-time augmentation, then calibration, a threshold and a
+referral band chosen on validation, metrics.
 
-The calibration map and the threshold (fixed in params.yaml or chosen by a rule) are fitted on
-the validation split only; the test split is predicted once and never looked at to pick
-anything.
+The calibration map, the threshold (fixed in params.yaml or chosen by a rule) and the referral
+band are fitted on the validation split only; the test split is predicted once and never looked
+at to pick anything.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 
 from pneumo import paths, platforms
 from pneumo.config import CLASS_NAMES, EvaluateConfig, Params
-from pneumo.core import calibration
+from pneumo.core import calibration, referral
 from pneumo.core.data import CachedSplit
 from pneumo.core.devices import resolve_device
 from pneumo.core.inference import load_network, tta_probabilities
@@ -32,21 +33,28 @@ from pneumo.core.metrics import (
 from pneumo.figures import png_figure
 from pneumo.files import sha256_of, staged_dir
 from pneumo.mlops import tracking
-from pneumo.records import Calibration, Evaluation, InferenceSettings, ModelCard
+from pneumo.records import Calibration, Evaluation, InferenceSettings, ModelCard, Referral
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Decision:
+    """How the model folder answers, all chosen on the validation split."""
+
+    calibration: Calibration
+    threshold: float
+    band: Referral
+
+
 def predictions_frame(
-    split: CachedSplit,
-    views: list[str],
-    per_view: np.ndarray,
-    mapping: Calibration,
-    threshold: float,
+    split: CachedSplit, views: list[str], per_view: np.ndarray, decision: Decision
 ) -> pd.DataFrame:
-    """One row per image: the calibrated probability, the label it gives, and each view's raw
-    probability (their mean is the probability before calibration)."""
-    probability = calibration.apply(mapping, per_view.mean(axis=0))
+    """One row per image: the calibrated probability, the label the threshold gives it,
+    whether the referral band refers it, and each view's raw probability (their mean is the
+    probability before calibration)."""
+    probability = calibration.apply(decision.calibration, per_view.mean(axis=0))
+    positive = probability >= decision.threshold
     frame = pd.DataFrame(
         {
             "image": split.manifest.path,
@@ -54,7 +62,8 @@ def predictions_frame(
             "label": split.manifest.label,
             "target": split.targets,
             "probability": probability,
-            "predicted": np.where(probability >= threshold, CLASS_NAMES[1], CLASS_NAMES[0]),
+            "predicted": np.where(positive, CLASS_NAMES[1], CLASS_NAMES[0]),
+            "referred": decision.band.refers(probability),
         }
     )
     for view, row in zip(views, per_view, strict=True):
@@ -167,15 +176,49 @@ def reliability_plot(
     return png
 
 
+def referral_plot(
+    frames: dict[str, pd.DataFrame], decision: Decision, png: Path, title: str
+) -> Path:
+    """Risk against coverage when the answers least likely right are referred first, with
+    the chosen band's point on each split, and the test probabilities by class around the
+    band."""
+    band, threshold = decision.band, decision.threshold
+    with png_figure(png, 1, 2, figsize=(11, 4.5)) as (fig, (curve, spread)):
+        for index, (split, frame) in enumerate(frames.items()):
+            points = referral.risk_coverage(frame.target, frame.probability, threshold)
+            curve.plot(points["coverage"], points["risk"], color=f"C{index}", label=split)
+            answered = frame[~frame.referred]
+            coverage = len(answered) / len(frame)
+            risk = float((answered.predicted != answered.label).mean()) if len(answered) else 0.0
+            label = f"{split}: the band answers {coverage:.0%}, error {risk:.1%}"
+            curve.plot(coverage, risk, "o", color=f"C{index}", label=label)
+        curve.set(xlabel="coverage (share answered)", ylabel="error rate of the answered")
+        curve.set(title="the answers least likely right (calibrated) referred first")
+        curve.set(xlim=(0, 1.02))
+        curve.legend(fontsize=8)
+        test = frames["test"]
+        for target, name in enumerate(CLASS_NAMES):
+            chosen = test.probability[test.target == target]
+            spread.hist(chosen, bins=40, range=(0, 1), histtype="step", label=name)
+        band_label = f"REFER [{band.low:.3f}, {band.high:.3f})"
+        spread.axvspan(band.low, min(band.high, 1.0), color="C3", alpha=0.15, label=band_label)
+        spread.axvline(threshold, color="C3", linestyle="--", label=f"threshold {threshold:.3f}")
+        spread.set(xlabel="calibrated probability of PNEUMONIA", ylabel="test images")
+        spread.set(yscale="log")
+        spread.legend(fontsize=8)
+        fig.suptitle(title)
+    return png
+
+
 def assess(
     model: torch.nn.Module,
     splits: dict[str, CachedSplit],
     cfg: EvaluateConfig,
     device: torch.device,
-) -> tuple[dict, dict[str, np.ndarray], Calibration, float]:
-    """Metrics of a model on ``splits["test"]`` with TTA, and a calibration map and a
-    threshold chosen on ``splits["val"]``; also returns each split's per-view (raw)
-    probabilities, the map and the threshold."""
+) -> tuple[dict, dict[str, np.ndarray], Decision]:
+    """Metrics of a model on ``splits["test"]`` with TTA, and a calibration map, a threshold
+    and a referral band chosen on ``splits["val"]``; also returns each split's per-view (raw)
+    probabilities and the decision."""
     per_view = {
         name: tta_probabilities(
             model, split.images, cfg.tta, batch_size=cfg.batch_size, device=device
@@ -187,6 +230,7 @@ def assess(
     mapping, losses = fit_calibration(cfg.calibration, y_val, raw_val)
     p_val, p_test = calibration.apply(mapping, raw_val), calibration.apply(mapping, raw_test)
     threshold = choose_threshold(cfg.threshold, y_val, p_val)
+    band = referral.choose_band(cfg.refer, y_val, p_val, threshold)
 
     # Without TTA: the identity view alone, uncalibrated, with its own validation threshold.
     p_val_plain, p_test_plain = (
@@ -211,11 +255,18 @@ def assess(
         f"test_{when}": calibration_with_ci(y_test, p, resamples=boot.resamples, seed=boot.seed)
         for when, p in (("before", raw_test), ("after", p_test))
     }
+    referred = band.model_dump() | {
+        "val_coverage": float(1.0 - band.refers(p_val).mean()),
+        "test": referral.assess(
+            band, y_test, p_test, threshold, resamples=boot.resamples, seed=boot.seed
+        ),
+    }
     metrics = {
         "threshold": threshold,
         "threshold_rule": str(cfg.threshold),
         "tta_views": list(cfg.tta),
         "calibration": calibrated,
+        "referral": referred,
         "test": test_metrics,
         "test_no_tta": no_tta | {"threshold": threshold_plain},
         "val": binary_metrics(y_val, p_val, threshold),
@@ -225,7 +276,7 @@ def assess(
         "n_test": int(len(y_test)),
         "n_val": int(len(y_val)),
     }
-    return metrics, per_view, mapping, threshold
+    return metrics, per_view, Decision(mapping, threshold, band)
 
 
 def evaluate(
@@ -245,19 +296,20 @@ def evaluate(
     model, card = load_network(checkpoint_dir)
     model.to(device)
     splits = {name: CachedSplit.load(cache_dir, name) for name in ("val", "test")}
-    assessed, per_view, mapping, threshold = assess(model, splits, cfg, device)
+    assessed, per_view, decision = assess(model, splits, cfg, device)
     record = Evaluation(
         backbone=backbone, **assessed, data_hash=card.data_hash,
         platforms=platforms.distinct([card.platform, platforms.describe(device)]),
     )  # fmt: skip
-    write_model_folder(checkpoint_dir, model_dir, record, mapping)
+    write_model_folder(checkpoint_dir, model_dir, record, decision)
     test_metrics, val_metrics, no_tta = record.test, record.val, record.test_no_tta
 
     out_dir.mkdir(parents=True, exist_ok=True)
     frames = {
-        split: predictions_frame(splits[split], cfg.tta, per_view[split], mapping, threshold)
+        split: predictions_frame(splits[split], cfg.tta, per_view[split], decision)
         for split in ("test", "val")
     }
+    threshold = decision.threshold
     for split, frame in frames.items():
         frame.to_csv(Evaluation.predictions(out_dir, split), index=False)
     title = f"{backbone}: test split"
@@ -267,6 +319,14 @@ def evaluate(
         frames["test"].probability.to_numpy(), out_dir / paths.RELIABILITY_PNG,
         f"{backbone}: test split, calibration fitted on validation",
     )  # fmt: skip
+    referral_png = referral_plot(
+        frames, decision, out_dir / paths.REFERRAL_PNG,
+        f"{backbone}: referral band {decision.band.rule!r}, chosen on validation",
+    )  # fmt: skip
+    points = referral.risk_coverage(
+        splits["test"].targets, frames["test"].probability.to_numpy(), threshold
+    )
+    pd.DataFrame(points).to_csv(out_dir / paths.RISK_COVERAGE_CSV, index=False)
     record_file = record.write(out_dir)
 
     # Logged into the training run by id: its status (FINISHED) is never touched.
@@ -282,33 +342,48 @@ def evaluate(
             for when in ("before", "after")
             for name, value in record.calibration[f"test_{when}"].items()
         }
-        flat |= {"threshold": threshold}
+        referred_test = record.referral["test"]
+        flat |= {"test_coverage": referred_test["coverage"]["value"]}
+        flat |= {
+            f"test_answered_{m}": value["value"]
+            for m, value in referred_test.get("answered", {}).items()
+            if isinstance(value, dict)
+        }
+        flat |= {"threshold": threshold, "refer_low": decision.band.low}
+        flat |= {"refer_high": decision.band.high}
         tracking.log_metrics({k: v for k, v in flat.items() if np.isfinite(v)}, run_id=run_id)
         tracking.log_artifacts(
-            [png, reliability, record_file], artifact_path="evaluation", run_id=run_id
+            [png, reliability, referral_png, record_file],
+            artifact_path="evaluation",
+            run_id=run_id,
         )
     log.info(
-        "%s: test accuracy %.4f AUC %.4f at threshold %.3f (%s)",
+        "%s: test accuracy %.4f AUC %.4f at threshold %.3f (%s); REFER band [%.3f, %.3f) "
+        "answers %.1f%% of test",
         backbone,
         test_metrics["accuracy"]["value"],
         test_metrics["roc_auc"]["value"],
         threshold,
         cfg.threshold,
+        decision.band.low,
+        decision.band.high,
+        100 * record.referral["test"]["coverage"]["value"],
     )
     return record
 
 
 def write_model_folder(
-    checkpoint_dir: Path, model_dir: Path, evaluation: Evaluation, mapping: Calibration
+    checkpoint_dir: Path, model_dir: Path, evaluation: Evaluation, decision: Decision
 ) -> None:
     """The checkpoint's weights and card plus the inference settings evaluation chose, in one
     folder that predicts on its own wherever it is copied."""
     weights = ModelCard.weights(checkpoint_dir)
     settings = InferenceSettings(
         tta_views=evaluation.tta_views,
-        calibration=mapping,
-        threshold=evaluation.threshold,
+        calibration=decision.calibration,
+        threshold=decision.threshold,
         threshold_rule=evaluation.threshold_rule,
+        referral=decision.band,
         weights_sha256=sha256_of(weights),
     )
     with staged_dir(model_dir) as staging:
