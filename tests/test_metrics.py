@@ -21,6 +21,7 @@ from pneumo.core.metrics import (
     bootstrap_ci,
     choose_threshold,
     delong_covariance,
+    delong_interval,
     delong_test,
     mcnemar_exact,
     paired_bootstrap_auc,
@@ -172,6 +173,17 @@ def test_fast_delong_equals_the_definition_computed_pair_by_pair():
     np.testing.assert_allclose(aucs, expected_aucs, rtol=0, atol=1e-12)
     np.testing.assert_allclose(covariance, expected_covariance, rtol=0, atol=1e-12)
     assert aucs == pytest.approx([roc_auc_score(y, row) for row in scores])
+
+
+def test_the_delong_interval_agrees_with_the_bootstrap_and_stays_in_0_1():
+    y, p = _scores(300, seed=2)
+    low, high = delong_interval(y, p)
+    boot_low, boot_high = bootstrap_ci(y, p, 0.5, resamples=2000, seed=0)["roc_auc"]
+    assert low < roc_auc_score(y, p) < high
+    assert (low, high) == pytest.approx((boot_low, boot_high), abs=0.01)
+    assert delong_interval(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9])) == (1.0, 1.0)
+    with pytest.raises(MetricsError, match="both classes"):
+        delong_interval(np.ones(3), np.array([0.1, 0.5, 0.9]))
 
 
 def test_delong_test_detects_a_better_model_and_not_an_identical_one():

@@ -27,13 +27,20 @@ OTHER_DATA = "b" * 64
 def version_tags(
     *,
     val_auc: float | None = 0.9,
+    val_auc_ci: tuple[float, float] | None = None,
     spread: float | None = 0.2,
     recall: float = 0.9,
     data_hash: str = DATA,
     select_by: str = "val_auc",
     **extra: str | None,
 ) -> dict[str, str]:
-    """The tags `pneumo register` writes on a version (a value of None leaves the tag out)."""
+    """The tags `pneumo register` writes on a version (a value of None leaves the tag out);
+    the AUC interval is ±0.05 around ``val_auc`` unless given."""
+    if val_auc_ci is None and val_auc is not None:
+        val_auc_ci = (val_auc - 0.05, val_auc + 0.05)
+    interval = dict.fromkeys(registry.FLOOR_CI_TAGS) if val_auc_ci is None else {
+        tag: f"{value:.6f}" for tag, value in zip(registry.FLOOR_CI_TAGS, val_auc_ci, strict=True)
+    }  # fmt: skip
     tags = {
         "backbone": "resnet50",
         "data_hash": data_hash,
@@ -43,6 +50,7 @@ def version_tags(
         registry.FLOOR_METRIC: None if val_auc is None else f"{val_auc:.6f}",
         registry.SPREAD_TAG: None if spread is None else f"{spread:.6g}",
         "val_recall": f"{recall:.6f}",
+        **interval,
         **extra,
     }
     return {key: value for key, value in tags.items() if value is not None}
@@ -149,6 +157,37 @@ def test_a_forced_degenerate_champion_does_not_block_a_better_model(client):
     assert result.exit_code == 0, result.output
     assert "promoted" in result.output and "forced" not in result.output
     assert champion(client) == better
+
+
+def test_a_significantly_better_model_replaces_a_champion_forced_below_the_floor(client):
+    """A chance-level model forced to champion must not outlive a clearly better one that
+    still misses the floor; one whose interval overlaps the champion's is refused."""
+    add_version(client, "challenger", val_auc=0.29, val_auc_ci=(0.15, 0.43))
+    assert promote("--force").exit_code == 0
+    overlapping = add_version(client, "challenger", val_auc=0.5, val_auc_ci=(0.40, 0.60))
+    assert_one_line_error(promote(), "val_auc 0.5000 is below registry.min_val_auc 0.8")
+    on_other_data = add_version(
+        client, "challenger", val_auc=0.72, val_auc_ci=(0.61, 0.83), data_hash=OTHER_DATA
+    )
+    assert_one_line_error(promote(), "below registry.min_val_auc", "validated on different data")
+    better = add_version(client, "challenger", val_auc=0.72, val_auc_ci=(0.61, 0.83))
+    result = promote()
+    assert result.exit_code == 0, result.output
+    assert f"version {better} promoted" in result.output and "forced" not in result.output
+    why = "significantly above champion v1's 0.2900 (also below it): 95% CI 0.610–0.830 vs "
+    assert why + "0.150–0.430" in result.output
+    assert champion(client) == better
+    last = stored_history(client)[-1]
+    assert (last["decision"], last["previous"]) == ("promoted", "1")
+    assert why in last["reasons"][0]
+    assert {overlapping, on_other_data} == {"2", "3"}
+
+
+def test_a_champion_above_the_floor_is_never_replaced_by_one_below_it(client):
+    add_version(client, "champion", val_auc=0.81, val_auc_ci=(0.70, 0.90))
+    # its interval does not matter while the champion passes the floor
+    add_version(client, "challenger", val_auc=0.79, val_auc_ci=(0.91, 0.95))
+    assert_one_line_error(promote(), "val_auc 0.7900 is below registry.min_val_auc 0.8")
 
 
 def test_a_candidate_ranked_below_the_champion_is_refused_and_an_equal_one_is_not(client):

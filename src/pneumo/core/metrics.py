@@ -278,6 +278,16 @@ def delong_covariance(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np
     return aucs, covariance
 
 
+def delong_interval(y: np.ndarray, p: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The ROC AUC's normal-approximation interval with DeLong's variance, clipped to [0, 1]:
+    analytic, so a registration gives the same interval every time. It shrinks to a point
+    where the classes do not overlap (the variance vanishes), as the bootstrap's does."""
+    require_both_classes(y, "an AUC interval", "the split needs images of both classes")
+    aucs, covariance = delong_covariance(y, np.asarray(p)[None])
+    half = norm.ppf(0.5 + level / 2) * np.sqrt(max(float(covariance[0, 0]), 0.0))
+    return max(0.0, float(aucs[0] - half)), min(1.0, float(aucs[0] + half))
+
+
 def delong_test(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray) -> dict[str, float]:
     """DeLong's test of AUC(a) = AUC(b) on the same images: the difference and two-sided p.
 

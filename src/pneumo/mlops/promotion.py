@@ -24,6 +24,7 @@ from pneumo.mlops import tracking
 from pneumo.mlops.registry import (
     CHALLENGER,
     CHAMPION,
+    FLOOR_CI_TAGS,
     FLOOR_METRIC,
     SPREAD_TAG,
     metric_tag,
@@ -60,11 +61,15 @@ def gate(
     champion: ModelVersion | None,
     config: RegistryConfig,
     select_by: str,
-) -> list[str]:
-    """Every reason not to make ``candidate`` the champion; empty when it may be.
+) -> tuple[list[str], list[str]]:
+    """Every reason not to make ``candidate`` the champion (empty when it may be), and notes
+    on why a floor was let pass.
 
     Floors first, for every candidate (the first champion included): validation AUC and the
     spread of validation probabilities, which catches a constant model whatever its recall.
+    The AUC floor gives way in one case only: the champion is itself below it (a forced
+    promotion) and, on the same validation data, the candidate is significantly better (its
+    95% DeLong interval lies wholly above the champion's), else the worse model would stay.
     Then the champion: metrics measured on other validation data do not rank two models, so a
     candidate with another ``data_hash`` is refused; on the same data it must not rank worse by
     ``select_by`` (equal passes: the same weights registered again). Recall is not compared:
@@ -72,14 +77,18 @@ def gate(
     recall>=X`` sets it), and a degenerate champion that calls every image PNEUMONIA has
     recall 1.0 and would block every real model.
     """
-    tags, reasons = candidate.tags, []
+    tags, reasons, notes = candidate.tags, [], []
     auc = metric_tag(tags, FLOOR_METRIC)
     if auc is None:
         reasons.append(f"no {FLOOR_METRIC} tag, so registry.min_val_auc cannot be checked")
     elif not auc >= config.min_val_auc:  # `not >=` also refuses nan
-        reasons.append(
-            f"{FLOOR_METRIC} {auc:.4f} is below registry.min_val_auc {config.min_val_auc:g}"
-        )
+        better = _significantly_better_than_a_champion_below_the_floor(candidate, champion, config)
+        if better:
+            notes.append(f"{FLOOR_METRIC} {auc:.4f} is below registry.min_val_auc, but {better}")
+        else:
+            reasons.append(
+                f"{FLOOR_METRIC} {auc:.4f} is below registry.min_val_auc {config.min_val_auc:g}"
+            )
     spread = metric_tag(tags, SPREAD_TAG)
     if spread is None:
         reasons.append(f"no {SPREAD_TAG} tag, so a constant model cannot be ruled out")
@@ -89,14 +98,14 @@ def gate(
             f"registry.min_prediction_spread {config.min_prediction_spread:g}"
         )
     if champion is None:
-        return reasons
+        return reasons, notes
     ours, theirs = tags.get("data_hash"), champion.tags.get("data_hash")
     if ours != theirs:
         reasons.append(
             f"validated on different data: champion data_hash {_short(theirs)}, "
             f"candidate {_short(ours)}"
         )
-        return reasons
+        return reasons, notes
     new, old = metric_tag(tags, select_by), metric_tag(champion.tags, select_by)
     if new is None or old is None:
         lacking = f"v{candidate.version}" if new is None else f"champion v{champion.version}"
@@ -106,7 +115,30 @@ def gate(
         )
     elif not new >= old:
         reasons.append(f"{select_by} {new:.4f} < champion v{champion.version}'s {old:.4f}")
-    return reasons
+    return reasons, notes
+
+
+def _interval(version: ModelVersion) -> tuple[float, float] | None:
+    low, high = (metric_tag(version.tags, tag) for tag in FLOOR_CI_TAGS)
+    return None if low is None or high is None else (low, high)
+
+
+def _significantly_better_than_a_champion_below_the_floor(
+    candidate: ModelVersion, champion: ModelVersion | None, config: RegistryConfig
+) -> str | None:
+    """Why the AUC floor may give way for ``candidate`` (see :func:`gate`), or None."""
+    if champion is None or candidate.tags.get("data_hash") != champion.tags.get("data_hash"):
+        return None
+    theirs = metric_tag(champion.tags, FLOOR_METRIC)
+    ours_ci, theirs_ci = _interval(candidate), _interval(champion)
+    if theirs is None or not theirs < config.min_val_auc or not (ours_ci and theirs_ci):
+        return None
+    if not ours_ci[0] > theirs_ci[1]:
+        return None
+    return (
+        f"significantly above champion v{champion.version}'s {theirs:.4f} (also below it): "
+        f"95% CI {ours_ci[0]:.3f}–{ours_ci[1]:.3f} vs {theirs_ci[0]:.3f}–{theirs_ci[1]:.3f}"
+    )
 
 
 def _require_model(client: MlflowClient, name: str) -> None:
@@ -160,11 +192,11 @@ def promote(params: Params, version: str | None = None, force: bool = False) -> 
     if champion is not None and str(champion.version) == str(candidate.version):
         return f"version {candidate.version} is already @{CHAMPION}: nothing changed"
     past = _history(client, name)  # a damaged history stops us before anything changes
-    reasons = gate(candidate, champion, params.registry, params.compare.select_by)
+    reasons, notes = gate(candidate, champion, params.registry, params.compare.select_by)
     decision = "forced" if reasons and force else "refused" if reasons else "promoted"
     if decision != "refused":
         set_alias(name, CHAMPION, candidate.version)
-    entry = _record(client, name, past, str(candidate.version), champion, decision, reasons)
+    entry = _record(client, name, past, str(candidate.version), champion, decision, reasons + notes)
     if decision == "refused":
         raise PromotionRefused(
             f"version {candidate.version} not promoted: {'; '.join(reasons)}. "
@@ -173,7 +205,8 @@ def promote(params: Params, version: str | None = None, force: bool = False) -> 
     log.info("%s version %s is now @%s", name, candidate.version, CHAMPION)
     previous = f"v{entry['previous']}" if entry["previous"] else "none"
     message = f"version {candidate.version} promoted to @{CHAMPION} (previous champion: {previous})"
-    return message + (f", forced despite: {'; '.join(reasons)}" if reasons else "")
+    message += f", forced despite: {'; '.join(reasons)}" if reasons else ""
+    return message + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def _user() -> str:

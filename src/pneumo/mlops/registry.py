@@ -32,6 +32,7 @@ from mlflow.types import ColSpec, Schema
 import pneumo
 from pneumo.config import Params
 from pneumo.core.inference import MODEL_ARTIFACT, SHIPPED_MODULES, verified_settings
+from pneumo.core.metrics import MetricsError, delong_interval
 from pneumo.mlops import tracking
 from pneumo.records import Evaluation, InferenceSettings, ModelCard
 
@@ -41,6 +42,9 @@ CHALLENGER = "challenger"
 CHAMPION = "champion"
 FLOOR_METRIC = "val_auc"  # the floor is on validation ROC AUC whatever compare.select_by is
 SPREAD_TAG = "val_probability_std"
+# The floor metric's 95% DeLong interval: lets the gate tell a significantly better model from
+# a champion that is itself below the floor.
+FLOOR_CI_TAGS = (f"{FLOOR_METRIC}_ci_low", f"{FLOOR_METRIC}_ci_high")
 KEY_TAG = "registration_key"
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "image")]),
@@ -86,6 +90,14 @@ def input_example(evaluation_dir: Path, raw_dir: Path) -> pd.DataFrame:
     return pd.DataFrame({"image": [encoded]})
 
 
+def val_auc_interval(val: pd.DataFrame) -> tuple[float, float]:
+    """The validation AUC's 95% interval, (nan, nan) when validation lacks a class."""
+    try:
+        return delong_interval(val["target"].to_numpy(), val["probability"].to_numpy())
+    except MetricsError:
+        return float("nan"), float("nan")
+
+
 def prediction_spread(probabilities: Iterable[float]) -> float:
     """Standard deviation of the validation probabilities: about 0 for a model that gives
     every image the same answer, whatever recall that answer scores."""
@@ -129,6 +141,7 @@ def register(params: Params, backbone: str, model_dir: Path, eval_dir: Path, raw
         params.compare.select_by: f"{evaluation.val[select]:.6f}",
         FLOOR_METRIC: f"{evaluation.val['roc_auc']:.6f}",
         SPREAD_TAG: f"{prediction_spread(val['probability']):.6g}",
+        **dict(zip(FLOOR_CI_TAGS, (f"{v:.6f}" for v in val_auc_interval(val)), strict=True)),
         "val_recall": f"{evaluation.val['recall']:.6f}",
         "test_accuracy": f"{evaluation.test['accuracy']['value']:.6f}",
         "test_roc_auc": f"{evaluation.test['roc_auc']['value']:.6f}",
