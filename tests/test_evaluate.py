@@ -33,6 +33,8 @@ def test_evaluate_outputs(tiny_project):
         "referred",
         "p_identity",
         "p_hflip",
+        "subtype",
+        "size_band",
     ]
     assert len(predictions) == metrics["n_test"]
     # the mean of the views through the calibration map the model folder keeps
@@ -53,6 +55,15 @@ def test_evaluate_outputs(tiny_project):
     coverage = metrics["referral"]["test"]["coverage"]
     assert coverage["value"] == pytest.approx(1 - predictions.referred.mean())
     assert metrics["referral"]["test"]["n_referred"] == predictions.referred.sum()
+    # the generated sample names its PNEUMONIA images bacterial or viral, all of one size
+    found = metrics["subgroups"]
+    positives = predictions[predictions.target == 1]
+    assert set(positives.subtype) == set(found["subtype"]) == {"bacterial", "viral"}
+    for name, group in found["subtype"].items():
+        hits = positives[positives.subtype == name].predicted == "PNEUMONIA"
+        assert group["n_pneumonia"] == len(hits)
+        assert group["recall"]["value"] == pytest.approx(hits.mean())
+    assert list(found["size_band"]) == ["all sizes"]
     counts = metrics["test"]
     assert counts["tp"] + counts["fn"] == (predictions.target == 1).sum()
     for plot in ("roc.csv", "pr.csv", "calibration.csv", "risk_coverage.csv", "evaluation.png",

@@ -72,6 +72,7 @@ def render_comparison(result: Comparison) -> str:
         )
     lines += _calibration_table(result)
     lines += _referral_table(result)
+    lines += _subgroup_table(result)
     lines += [
         "",
         f"Paired tests, {result.best} against each other model on the same test images:",
@@ -154,6 +155,58 @@ def _referral_table(result: Comparison) -> list[str]:
             + " | ".join(cells)
             + f" | {band['n_referred']} ({band['n_referred_pneumonia']}) |"
         )
+    return lines
+
+
+def _subgroup_table(result: Comparison) -> list[str]:
+    """Each backbone's test sensitivity per PNEUMONIA subtype and per image size band, and the
+    subgroups whose interval lies wholly below the model's overall one, named."""
+    found = {name: row["subgroups"] for name, row in result.rows.items() if "subgroups" in row}
+    if not found:
+        return []
+    columns = list(
+        dict.fromkeys(
+            (slicing, group)
+            for groups in found.values()
+            for slicing in ("subtype", "size_band")
+            for group in groups[slicing]
+        )
+    )
+    header = " | ".join(
+        f"{group} (n={next(g[s][group]['n_pneumonia'] for g in found.values())})"
+        for s, group in columns
+    )
+    lines = [
+        "",
+        "Test sensitivity by subgroup (95% CI): PNEUMONIA subtype from the file names, and "
+        "image size in thirds of the training images' pixel count (n: PNEUMONIA images); "
+        "▼ marks an interval wholly below the model's overall one:",
+        "",
+        f"| model | overall | {header} |",
+        "|---" * (len(columns) + 2) + "|",
+    ]
+    flagged = []
+    for name in result.ranking:
+        if name not in found:
+            continue
+        groups = found[name]
+        cells = []
+        for slicing, group in columns:
+            row = groups[slicing].get(group)
+            if row is None:
+                cells.append("–")
+                continue
+            cells.append(format_metric(row["recall"]) + (" ▼" if row["below_overall"] else ""))
+            if row["below_overall"]:
+                flagged.append(f"{name} on {group} images ({row['recall']['value']:.3f})")
+        overall = format_metric(groups["overall_recall"])
+        lines.append(f"| {name} | {overall} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Below the overall sensitivity: " + "; ".join(flagged) + "."
+        if flagged
+        else "No subgroup's sensitivity interval lies wholly below its model's overall one.",
+    ]
     return lines
 
 

@@ -164,6 +164,8 @@ class Evaluation(Record):
     calibration: dict[str, Any]
     # the band, and on test its coverage and the metrics of the answered images (with CIs)
     referral: dict[str, Any]
+    # test sensitivity (and specificity) per PNEUMONIA subtype and per image size band
+    subgroups: dict[str, Any]
     test: dict[str, dict[str, float] | int]  # value and interval per metric; confusion counts
     test_no_tta: dict[str, float | int]
     val: dict[str, float | int]

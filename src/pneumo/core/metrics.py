@@ -187,10 +187,15 @@ def bootstrap_ci(
     """Percentile intervals of every point metric over stratified bootstrap resamples."""
     draws = resampled_metrics(y, p, threshold, resamples=resamples, seed=seed)
     tail = (1.0 - level) / 2 * 100
-    return {
-        m: tuple(float(v) for v in np.nanpercentile(draws[m], [tail, 100 - tail]))
-        for m in POINT_METRICS
-    }
+
+    def interval(values: np.ndarray) -> tuple[float, float]:
+        defined = values[~np.isnan(values)]  # AUC and AP are undefined with one class
+        if not defined.size:
+            return float("nan"), float("nan")
+        low, high = np.percentile(defined, [tail, 100 - tail])
+        return float(low), float(high)
+
+    return {m: interval(draws[m]) for m in POINT_METRICS}
 
 
 def metrics_with_ci(

@@ -19,7 +19,7 @@ import torch
 
 from pneumo import paths, platforms
 from pneumo.config import CLASS_NAMES, EvaluateConfig, Params
-from pneumo.core import calibration, referral
+from pneumo.core import calibration, referral, subgroups
 from pneumo.core.data import CachedSplit
 from pneumo.core.devices import resolve_device
 from pneumo.core.inference import load_network, tta_probabilities
@@ -213,12 +213,14 @@ def referral_plot(
 def assess(
     model: torch.nn.Module,
     splits: dict[str, CachedSplit],
+    groups: pd.DataFrame,
     cfg: EvaluateConfig,
     device: torch.device,
 ) -> tuple[dict, dict[str, np.ndarray], Decision]:
-    """Metrics of a model on ``splits["test"]`` with TTA, and a calibration map, a threshold
-    and a referral band chosen on ``splits["val"]``; also returns each split's per-view (raw)
-    probabilities and the decision."""
+    """Metrics of a model on ``splits["test"]`` with TTA, overall and per subgroup of the test
+    images (``groups``, :func:`pneumo.core.subgroups.slices`), and a calibration map, a
+    threshold and a referral band chosen on ``splits["val"]``; also returns each split's
+    per-view (raw) probabilities and the decision."""
     per_view = {
         name: tta_probabilities(
             model, split.images, cfg.tta, batch_size=cfg.batch_size, device=device
@@ -267,6 +269,9 @@ def assess(
         "tta_views": list(cfg.tta),
         "calibration": calibrated,
         "referral": referred,
+        "subgroups": subgroups.assess(
+            y_test, p_test, threshold, groups, resamples=boot.resamples, seed=boot.seed
+        ),
         "test": test_metrics,
         "test_no_tta": no_tta | {"threshold": threshold_plain},
         "val": binary_metrics(y_val, p_val, threshold),
@@ -296,7 +301,10 @@ def evaluate(
     model, card = load_network(checkpoint_dir)
     model.to(device)
     splits = {name: CachedSplit.load(cache_dir, name) for name in ("val", "test")}
-    assessed, per_view, decision = assess(model, splits, cfg, device)
+    train = CachedSplit.load(cache_dir, "train").manifest
+    edges = subgroups.size_edges((train.width * train.height).to_numpy())
+    groups = {name: subgroups.slices(split.manifest, edges) for name, split in splits.items()}
+    assessed, per_view, decision = assess(model, splits, groups["test"], cfg, device)
     record = Evaluation(
         backbone=backbone, **assessed, data_hash=card.data_hash,
         platforms=platforms.distinct([card.platform, platforms.describe(device)]),
@@ -306,7 +314,9 @@ def evaluate(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     frames = {
-        split: predictions_frame(splits[split], cfg.tta, per_view[split], decision)
+        split: predictions_frame(splits[split], cfg.tta, per_view[split], decision).join(
+            groups[split]
+        )
         for split in ("test", "val")
     }
     threshold = decision.threshold
