@@ -59,7 +59,7 @@ def warm(model_dir: Path, image: Path, runs: int) -> dict[str, float]:
     times = []
     for _ in range(runs + 1):  # the first call warms up allocators and is not counted
         started = time.perf_counter()
-        classifier.probabilities(classifier.prepare(data)[None])
+        classifier.assess(classifier.prepare(data)[None])
         times.append(time.perf_counter() - started)
     return summary(times[1:])
 

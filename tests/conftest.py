@@ -115,12 +115,20 @@ TINY_PARAMS = {
 }
 
 
-def expected_answers(predictions) -> list[str]:
+def answers(labels) -> list[str | None]:
+    """A label column read from CSV or JSON, with None where there is no label."""
+    return [label if isinstance(label, str) else None for label in labels]
+
+
+def expected_answers(predictions) -> list[str | None]:
     """What predict and the served model answer for the rows of an evaluate predictions.csv:
-    REFER inside the referral band, else the threshold's label."""
+    no label for an input the gate flags, REFER inside the referral band, else the
+    threshold's label."""
     return [
-        "REFER" if referred else label
-        for referred, label in zip(predictions.referred, predictions.predicted, strict=True)
+        None if not passed else "REFER" if referred else label
+        for passed, referred, label in zip(
+            predictions.in_distribution, predictions.referred, predictions.predicted, strict=True
+        )
     ]
 
 

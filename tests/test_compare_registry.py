@@ -36,7 +36,7 @@ def test_evaluations_of_different_caches_are_not_compared(in_tmp):
         folder.mkdir(parents=True)
         Evaluation(
             backbone=backbone, threshold=0.5, threshold_rule="0.5", tta_views=["identity"],
-            calibration={"method": "none"}, referral={}, subgroups={},
+            calibration={"method": "none"}, referral={}, subgroups={}, gate={},
             test={}, test_no_tta={}, val={}, tta_gain={}, n_test=1, n_val=1, data_hash=data_hash,
             platforms=[],
         ).write(folder)  # fmt: skip

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pneumo.core import calibration
+from pneumo.core import calibration, phantoms
+from pneumo.files import sha256_of
 from pneumo.records import InferenceSettings
 from pneumo.stages.evaluate import pr_panel, roc_panel
 from tests.conftest import run_cli
@@ -35,6 +36,8 @@ def test_evaluate_outputs(tiny_project):
         "p_hflip",
         "subtype",
         "size_band",
+        "gate_score",
+        "in_distribution",
     ]
     assert len(predictions) == metrics["n_test"]
     # the mean of the views through the calibration map the model folder keeps
@@ -64,6 +67,14 @@ def test_evaluate_outputs(tiny_project):
         assert group["n_pneumonia"] == len(hits)
         assert group["recall"]["value"] == pytest.approx(hits.mean())
     assert list(found["size_band"]) == ["all sizes"]
+    # the input gate: fitted on train, cut on validation, measured on test and shifted inputs
+    settings = InferenceSettings.read(tiny_project / "models/resnet50")
+    assert settings.gate.sha256 == sha256_of(tiny_project / "models/resnet50/gate.pt")
+    assert settings.gate.threshold == metrics["gate"]["threshold"] == 1.0
+    scores = metrics["gate"]["scores"]
+    assert set(scores) == {"gate", "features", "pixels", "logit-energy"}
+    assert set(scores["gate"]["detection"]) == set(phantoms.SHIFTS)
+    assert 0 <= scores["gate"]["test_false_alarm"] <= 1
     counts = metrics["test"]
     assert counts["tp"] + counts["fn"] == (predictions.target == 1).sum()
     for plot in ("roc.csv", "pr.csv", "calibration.csv", "risk_coverage.csv", "evaluation.png",

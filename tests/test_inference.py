@@ -22,8 +22,9 @@ from pneumo.core.inference import (
     tta_probabilities,
     tta_view,
 )
-from pneumo.records import InferenceSettings, Referral
-from tests.conftest import expected_answers, jpeg_bytes, run_cli, tool_env, write_tree
+from pneumo.mlops.predict import COLUMNS
+from pneumo.records import InferenceSettings, InputGate, Referral
+from tests.conftest import answers, expected_answers, jpeg_bytes, run_cli, tool_env, write_tree
 
 
 def _symmetric_image() -> torch.Tensor:
@@ -102,7 +103,7 @@ def test_a_copied_model_folder_predicts_exactly_what_evaluate_did(tiny_project, 
     predicted = pd.read_csv(StringIO(result.stdout))
     assert list(predicted.file) == list(expected.file)
     np.testing.assert_allclose(predicted.probability, expected.probability, atol=1e-6)
-    assert list(predicted.label) == expected_answers(expected)
+    assert answers(predicted.label) == expected_answers(expected)
 
 
 def test_weights_changed_after_evaluation_are_refused(tiny_project, tmp_path):
@@ -116,7 +117,44 @@ def test_weights_changed_after_evaluation_are_refused(tiny_project, tmp_path):
     result = _pneumo("predict", "--model", str(copy), image, cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
-    assert "refusing to load them" in result.stderr
+    assert "refusing to load it" in result.stderr
+
+
+def test_a_gate_file_changed_after_evaluation_is_refused(tiny_project, tmp_path):
+    copy = shutil.copytree(tiny_project / "models/resnet50", tmp_path / "x")
+    gate_file = copy / InputGate.FILE
+    data = bytearray(gate_file.read_bytes())
+    data[-100] ^= 0xFF
+    gate_file.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="gate.pt has SHA-256 .* but inference.json"):
+        Classifier.load(copy)
+
+
+def test_inputs_unlike_the_training_images_get_no_label_unless_allowed(tiny_project, in_tmp):
+    """Noise is flagged by the tiny model's real gate; the test images mostly pass it."""
+    files = write_tree(in_tmp, {"noise.jpeg": jpeg_bytes(0)})  # uniform noise
+    model = str(tiny_project / "models/resnet50")
+    result = run_cli("predict", "--model", model, "--output", "json", str(files / "noise.jpeg"))
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.stdout)
+    assert row["in_distribution"] is False and row["label"] is None
+    assert "not a chest radiograph" in row["reason"] and row["gate_score"] > 1
+    allowed = run_cli("predict", "--model", model, "--allow-ood", "--output", "json",
+                      str(files / "noise.jpeg"))  # fmt: skip
+    [labelled] = json.loads(allowed.stdout)
+    assert labelled["in_distribution"] is False and labelled["label"] in (
+        "NORMAL",
+        "PNEUMONIA",
+        "REFER",
+    )
+
+    # the test images: as evaluate's gate scores said (8 validation images put the tiny
+    # model's cuts low: a few test images are flagged too)
+    expected = _test_images(tiny_project, 40)
+    rows = pd.read_csv(StringIO(run_cli("predict", "--model", model, *expected.file).stdout))
+    assert list(rows.in_distribution) == list(expected.in_distribution)
+    assert rows.in_distribution.mean() >= 0.75
+    assert rows.label.isna().sum() == (~rows.in_distribution).sum()
 
 
 def test_weights_other_than_the_registered_ones_are_refused(tiny_project):
@@ -143,10 +181,10 @@ def test_files_stream_through_in_bounded_batches(tiny_project, monkeypatch):
     classifier = Classifier.load(tiny_project / "models/resnet50")
     files = list(_test_images(tiny_project, 40).file) * 2
     batches: list[int] = []
-    real = Classifier.probabilities
+    real = Classifier.assess
     monkeypatch.setattr(
         Classifier,
-        "probabilities",
+        "assess",
         lambda self, pixels: batches.append(len(pixels)) or real(self, pixels),
     )
     rows = classifier.predict_files([Path(f) for f in files], batch_size=32)
@@ -168,7 +206,7 @@ def test_predicting_with_a_model_folder_does_not_import_mlflow(tiny_project, tmp
         [sys.executable, "-c", code], cwd=tmp_path, env=tool_env(), capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("file,probability,label,error\n")
+    assert result.stdout.startswith(",".join(COLUMNS) + "\n")
 
 
 def test_predict_explain_writes_one_grad_cam_figure_per_image(tiny_project, in_tmp):

@@ -28,7 +28,9 @@ from tests.bands import outside_bands, seed_spread_bands
 from tests.conftest import (
     BATCH_TOLERANCE,
     REPO_ROOT,
+    answers,
     expected_answers,
+    jpeg_bytes,
     run_tool,
     store_uri,
     tool_env,
@@ -109,16 +111,23 @@ def test_registry_promote_and_predict(reproduced):
     # The champion's own test predictions: the first image its band refers and the first two
     # it answers; a new process must give the same answers.
     predictions = pd.read_csv(root / f"reports/eval/{best}/predictions.csv")
-    referred = predictions[predictions.referred]
+    referred = predictions[predictions.referred & predictions.in_distribution]
     assert len(referred) > 0, "the sample's champion should refer some test images"
     chosen = pd.concat([referred.head(1), predictions[~predictions.referred].head(2)])
     images = [str(root / "data/raw" / image) for image in chosen.image]
     output = run_tool("pneumo", "predict", *images, cwd=root)
-    rows = pd.read_csv(StringIO(output[output.index("file,probability,label,error") :]))
+    rows = pd.read_csv(StringIO(output[output.index("file,probability,label,") :]))
     assert list(rows.file) == images
-    assert list(rows.label) == expected_answers(chosen) and rows.label.iloc[0] == "REFER"
+    assert answers(rows.label) == expected_answers(chosen) and rows.label.iloc[0] == "REFER"
     np.testing.assert_allclose(rows.probability, chosen.probability, atol=BATCH_TOLERANCE)
     assert rows.error.isna().all()
+    # noise is no chest radiograph: no label, and the reason
+    noise = root / "noise.jpeg"
+    noise.write_bytes(jpeg_bytes(0, size=256))
+    output = run_tool("pneumo", "predict", "--output", "json", str(noise), cwd=root)
+    [row] = json.loads(output[output.index("[\n") :])
+    assert row["label"] is None and row["in_distribution"] is False
+    assert "not a chest radiograph" in row["reason"]
 
 
 def test_the_heatmaps_point_at_the_lesions(reproduced):

@@ -27,6 +27,7 @@ from pneumo.core.inference import SHIPPED_MODULES, IntegrityError
 from pneumo.files import sha256_of
 from tests.conftest import (
     BATCH_TOLERANCE,
+    answers,
     expected_answers,
     free_port,
     run_cli,
@@ -79,6 +80,9 @@ def test_the_model_is_code_with_a_signature_and_no_pickle(registered, champion_d
     assert [c["name"] for c in json.loads(mlmodel["signature"]["outputs"])] == [
         "probability",
         "label",
+        "in_distribution",
+        "gate_score",
+        "reason",
     ]
     package = champion_dir / "code/pneumo"
     shipped = {p.relative_to(package).as_posix() for p in package.rglob("*.py")}
@@ -245,7 +249,7 @@ def test_the_served_champion_answers_its_input_example_and_a_real_image(
     status, answer = _post(f"{served}/invocations", example)
     assert status == 200, answer
     [row] = answer["predictions"]
-    assert set(row) == {"probability", "label"}
+    assert set(row) == {"probability", "label", "in_distribution", "gate_score", "reason"}
 
     # Eight test images, REFER among the answers wherever the champion's band holds one.
     images = [_test_image(registered, row) for row in range(8)]
@@ -259,7 +263,7 @@ def test_the_served_champion_answers_its_input_example_and_a_real_image(
     expected = pd.read_csv(registered / f"reports/eval/{backbone}/predictions.csv").head(8)
     served_rows = pd.DataFrame(answer["predictions"])
     np.testing.assert_allclose(served_rows.probability, expected.probability, atol=BATCH_TOLERANCE)
-    assert list(served_rows.label) == expected_answers(expected)
+    assert answers(served_rows.label) == expected_answers(expected)
 
 
 @pytest.mark.slow

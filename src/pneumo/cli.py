@@ -328,6 +328,11 @@ def promote(ctx: click.Context, version: str | None, force: bool, history: bool)
     default=None,
     help="Write a Grad-CAM heatmap PNG per image into this folder.",
 )
+@click.option(
+    "--allow-ood",
+    is_flag=True,
+    help="Label inputs the input gate flags as unlike the training images, too.",
+)
 @click.pass_context
 @_friendly
 def predict(
@@ -337,13 +342,18 @@ def predict(
     output: str,
     device: str,
     explain_dir: Path | None,
+    allow_ood: bool,
 ) -> None:
-    """Predict PNEUMONIA for image files or folders; unreadable files make the exit code 1."""
+    """Predict PNEUMONIA for image files or folders; unreadable files make the exit code 1.
+
+    An input the model's input gate flags gets in_distribution false, a reason and no label
+    (unless --allow-ood); one in the referral band is answered REFER.
+    """
     from pneumo.mlops import predict as prediction
 
     files = prediction.expand_inputs(list(inputs))  # a wrong path fails before loading a model
     classifier = prediction.load_classifier(model, device, lambda: _params(ctx))
-    rows = prediction.predict_files(classifier, files, explain_dir)
+    rows = prediction.predict_files(classifier, files, explain_dir, allow_ood)
     columns = prediction.COLUMNS + (["explanation"] if explain_dir else [])
     if prediction.write_rows(rows, output, sys.stdout, columns):
         ctx.exit(1)

@@ -233,6 +233,14 @@ class BootstrapConfig(Section):
     seed: Seed = 0
 
 
+class GateConfig(Section):
+    """The input gate (pneumo.core.gate): principal components of the training features it
+    keeps, and the percentile of validation scores above which an input gets no label."""
+
+    components: Annotated[Int, Field(ge=1)] = 32
+    percentile: Annotated[Real, Field(gt=50.0, le=100.0)] = 99.0
+
+
 class EvaluateConfig(Section):
     tta: list[str] = ["identity", "hflip"]
     # A map fitted on validation (pneumo.core.calibration); auto: the lowest cross-validated
@@ -242,6 +250,7 @@ class EvaluateConfig(Section):
     # Floors on validation that pick a band of probabilities answered REFER instead of a label
     # (pneumo.core.referral); none answers every image.
     refer: str = "none"
+    gate: GateConfig = GateConfig()
     bootstrap: BootstrapConfig = BootstrapConfig()
     batch_size: PositiveInt = 64
 

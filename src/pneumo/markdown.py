@@ -73,6 +73,7 @@ def render_comparison(result: Comparison) -> str:
     lines += _calibration_table(result)
     lines += _referral_table(result)
     lines += _subgroup_table(result)
+    lines += _gate_table(result)
     lines += [
         "",
         f"Paired tests, {result.best} against each other model on the same test images:",
@@ -207,6 +208,38 @@ def _subgroup_table(result: Comparison) -> list[str]:
         if flagged
         else "No subgroup's sensitivity interval lies wholly below its model's overall one.",
     ]
+    return lines
+
+
+def _gate_table(result: Comparison) -> list[str]:
+    """Each backbone's input gate: false alarms on validation and test, and the share of
+    each kind of shifted input it flags; below, the logit-energy score it was measured
+    against."""
+    gates = {name: row["gate"] for name, row in result.rows.items() if "gate" in row}
+    if not gates:
+        return []
+    kinds = list(next(iter(gates.values()))["gate"]["detection"])
+    lines = [
+        "",
+        "Input gate (fitted on train, cut on validation): false alarms on real images and the "
+        "share of shifted test images it flags, per kind; in brackets, the logit-energy score "
+        "at the same validation percentile:",
+        "",
+        "| model | val false alarms | test false alarms | " + " | ".join(kinds) + " |",
+        "|---" * (len(kinds) + 3) + "|",
+    ]
+    for name in result.ranking:
+        if name not in gates:
+            continue
+        chosen, energy = gates[name]["gate"], gates[name]["logit-energy"]
+        cells = [
+            f"{chosen['detection'][kind]:.2f} ({energy['detection'][kind]:.2f})" for kind in kinds
+        ]
+        lines.append(
+            f"| {name} | {chosen['val_false_alarm']:.3f} | {chosen['test_false_alarm']:.3f} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return lines
 
 

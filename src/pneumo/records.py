@@ -114,11 +114,26 @@ class Referral(BaseModel):
         return (self.low <= probability) & (probability < self.high)
 
 
+class InputGate(BaseModel):
+    """The input gate of a model folder (pneumo.core.gate): its fitted arrays lie in ``FILE``
+    beside the weights, hash-checked like them; an image scoring above ``threshold`` (the
+    ``percentile`` of the validation images' scores) gets no label."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    FILE: ClassVar[str] = "gate.pt"
+
+    method: str
+    components: int
+    percentile: float
+    threshold: float
+    sha256: str
+
+
 class InferenceSettings(Record):
     """How the model folder ``models/<backbone>`` decides, chosen by evaluate on the
     validation split: TTA views, calibration, threshold and referral band (on calibrated
-    probabilities), and the SHA-256 of the weights they were chosen for (loading refuses other
-    weights)."""
+    probabilities), the input gate, and the SHA-256 of the weights they were chosen for
+    (loading refuses other weights)."""
 
     FILE = "inference.json"
     WRITER = "pneumo evaluate {name}"
@@ -128,6 +143,7 @@ class InferenceSettings(Record):
     threshold: float
     threshold_rule: str
     referral: Referral
+    gate: InputGate
     weights_sha256: str
 
 
@@ -166,6 +182,8 @@ class Evaluation(Record):
     referral: dict[str, Any]
     # test sensitivity (and specificity) per PNEUMONIA subtype and per image size band
     subgroups: dict[str, Any]
+    # the input gate's cut, its false alarms on test and its detection of shifted inputs
+    gate: dict[str, Any]
     test: dict[str, dict[str, float] | int]  # value and interval per metric; confusion counts
     test_no_tta: dict[str, float | int]
     val: dict[str, float | int]

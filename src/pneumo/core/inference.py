@@ -3,7 +3,7 @@
 A model folder (``models/<backbone>``, assembled by ``pneumo evaluate``) holds everything needed
 to predict: the weights, the training card (architecture, image preparation) and the inference
 settings chosen on the validation split (TTA views, calibration map, threshold, referral band,
-SHA-256 of the weights).
+input gate, SHA-256 of the weights) and the input gate's fitted arrays.
 evaluate, ``pneumo predict`` and the registered MLflow model all go through this module, so a
 folder copied anywhere predicts exactly as it was evaluated.
 
@@ -22,21 +22,21 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from pneumo.core import calibration
+from pneumo.core import calibration, gate
 from pneumo.core.devices import resolve_device
 from pneumo.core.images import ImageDecodeError, prepare_image
 from pneumo.core.models import PneumoniaNet, build_model
 from pneumo.errors import UserError
 from pneumo.files import sha256_of
-from pneumo.records import InferenceSettings, ModelCard, Referral
+from pneumo.records import InferenceSettings, InputGate, ModelCard, Referral
 from pneumo.specs import View
 
 # What a model needs at run time, relative to the package: the registered model ships these
 # (tests/test_serving.py checks that loading and predicting imports no other pneumo module).
 SHIPPED_MODULES = (
     "__init__.py", "errors.py", "files.py", "records.py", "specs.py", "core/__init__.py",
-    "core/calibration.py", "core/devices.py", "core/images.py", "core/inference.py",
-    "core/models.py",
+    "core/calibration.py", "core/devices.py", "core/gate.py", "core/images.py",
+    "core/inference.py", "core/models.py",
 )  # fmt: skip
 
 # The model folder's name among a registered model's MLflow artifacts.
@@ -123,16 +123,20 @@ def verified_settings(folder: Path, expected_sha256: str | None = None) -> Infer
     weights = ModelCard.weights(folder)
     if not weights.is_file():
         raise ModelFolderError(f"{weights} is missing: rerun `dvc repro` or copy it back")
-    digest = sha256_of(weights)
-    for source, recorded in (
-        (InferenceSettings.FILE, settings.weights_sha256),
-        ("the registration", expected_sha256),
+    gate_file = folder / InputGate.FILE
+    if not gate_file.is_file():
+        raise ModelFolderError(f"{gate_file} is missing: rerun `dvc repro` or copy it back")
+    for file, source, recorded in (
+        (weights, InferenceSettings.FILE, settings.weights_sha256),
+        (weights, "the registration", expected_sha256),
+        (gate_file, InferenceSettings.FILE, settings.gate.sha256),
     ):
+        digest = sha256_of(file)
         if recorded is not None and digest != recorded:
             raise IntegrityError(
-                f"{weights} has SHA-256 {digest[:16]}…, but {source} recorded "
-                f"{recorded[:16]}…: the weights changed after they were recorded; "
-                "refusing to load them. Restore the folder (`dvc checkout`) or "
+                f"{file} has SHA-256 {digest[:16]}…, but {source} recorded "
+                f"{recorded[:16]}…: the file changed after it was recorded; "
+                "refusing to load it. Restore the folder (`dvc checkout`) or "
                 "re-register the model"
             )
     return settings
@@ -140,22 +144,28 @@ def verified_settings(folder: Path, expected_sha256: str | None = None) -> Infer
 
 @dataclass(frozen=True)
 class Classifier:
-    """A loaded model folder: image file bytes in, PNEUMONIA probability and label out."""
+    """A loaded model folder: image file bytes in; PNEUMONIA probability, whether the input
+    passes the gate, and the answer out."""
 
     net: PneumoniaNet
     card: ModelCard
     settings: InferenceSettings
+    gate: dict[str, np.ndarray]
     device: torch.device
 
     @classmethod
     def load(
-        cls, folder: Path, device: str = "cpu", *, expected_sha256: str | None = None
+        cls,
+        folder: Path,
+        device: str = "cpu",
+        *,
+        expected_sha256: str | None = None,
     ) -> Classifier:
-        """Load ``folder`` after checking its weights (:func:`verified_settings`)."""
+        """Load ``folder`` after checking its weights and gate (:func:`verified_settings`)."""
         settings = verified_settings(folder, expected_sha256)
         net, card = load_network(folder)
         target = resolve_device(device, setting="device")
-        return cls(net.to(target), card, settings, target)
+        return cls(net.to(target), card, settings, gate.load(folder), target)
 
     @property
     def image_size(self) -> int:
@@ -165,24 +175,53 @@ class Classifier:
         """Encoded file bytes → the (size, size) uint8 pixels the model was trained on."""
         return prepare_image(data, self.card.image_size, self.card.resize)
 
-    def probabilities(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    def assess(self, pixels: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated PNEUMONIA probability (the mean over the TTA views, through the folder's
-        calibration map) for (N, size, size) uint8 pixels."""
-        per_view = tta_probabilities(
-            self.net, pixels, self.settings.tta_views, batch_size=batch_size, device=self.device
-        )
-        return calibration.apply(self.settings.calibration, per_view.mean(axis=0))
+        calibration map) and input-gate score for (N, size, size) uint8 pixels; the gate sees
+        the identity view's features, taken from the same forward passes where it is one of
+        the views."""
+        views = self.settings.tta_views
+        tap = gate.FeatureTap(self.net)
+        try:
+            per_view = tta_probabilities(
+                self.net, pixels, views, batch_size=batch_size, device=self.device
+            )
+            if "identity" in views:  # the tap saw each batch once per view, in view order
+                chunks, step = tap.captured, len(views)
+                identity = chunks[views.index("identity") :: step]
+                feats = torch.cat(identity).numpy().astype(np.float64)
+            else:
+                tap.captured.clear()
+                feats = gate.features(self.net, pixels, batch_size=batch_size, device=self.device)
+        finally:
+            tap.close()
+        probability = calibration.apply(self.settings.calibration, per_view.mean(axis=0))
+        return probability, gate.score(self.gate, feats, pixels)
 
-    def decide(self, probability: float) -> dict:
-        """The answer for one calibrated probability: REFER inside the referral band, else
-        the label the threshold gives."""
+    def decide(self, probability: float, gate_score: float, allow_ood: bool = False) -> dict:
+        """The answer for one calibrated probability and gate score: none for an input the
+        gate flags (unless ``allow_ood``), REFER inside the referral band, else the label the
+        threshold gives."""
+        cut = self.settings.gate.threshold
+        row = {"probability": probability, "in_distribution": bool(gate_score <= cut)}
+        row["gate_score"] = gate_score
+        if not row["in_distribution"]:
+            row["reason"] = (
+                f"unlike the training images (input-gate score {gate_score:.3g} above the cut "
+                f"{cut:.3g}): not a chest radiograph as the model knows one"
+            )
+            if not allow_ood:
+                return row | {"label": None}
         if self.settings.referral.refers(probability):
-            return {"probability": probability, "label": Referral.LABEL}
+            return row | {"label": Referral.LABEL}
         positive = probability >= self.settings.threshold
-        return {"probability": probability, "label": self.card.class_names[int(positive)]}
+        return row | {"label": self.card.class_names[int(positive)]}
 
-    def predict_files(self, files: list[Path], batch_size: int = 32) -> Iterator[dict]:
-        """One row per file, in order, ``batch_size`` files in memory at a time.
+    def predict_files(
+        self, files: list[Path], batch_size: int = 32, allow_ood: bool = False
+    ) -> Iterator[dict]:
+        """One row per file, in order, ``batch_size`` files in memory at a time
+        (:meth:`decide` for each).
 
         An unreadable file gets an ``error`` and no probability; the others go on.
         """
@@ -196,7 +235,7 @@ class Classifier:
                 except (ImageDecodeError, OSError) as exc:
                     rows.append({"file": str(file), "error": str(exc)})
             if ready:
-                pixels = np.stack([image for _, image in ready])
-                for (row, _), probability in zip(ready, self.probabilities(pixels), strict=True):
-                    rows[row] |= self.decide(float(probability))
+                probabilities, scores = self.assess(np.stack([image for _, image in ready]))
+                for (row, _), p, score in zip(ready, probabilities, scores, strict=True):
+                    rows[row] |= self.decide(float(p), float(score), allow_ood)
             yield from rows

@@ -157,3 +157,37 @@ def phantom_with_lesion(
     image = np.clip(image, 0.0, 1.0) ** gamma * contrast + rng.uniform(-0.05, 0.05)
     image += rng.normal(0.0, rng.uniform(0.01, 0.035), image.shape)
     return (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8), signs > LESION_CONTRAST
+
+
+# --- inputs that are not chest radiographs as the training images show them ----------------
+
+
+def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    """1/f noise: the power spectrum of natural images, without their content."""
+    frequencies = np.hypot(*np.meshgrid(np.fft.fftfreq(size), np.fft.fftfreq(size)))
+    spectrum = rng.normal(size=(size, size)) + 1j * rng.normal(size=(size, size))
+    image = np.fft.ifft2(spectrum / np.maximum(frequencies, 1.0 / size)).real
+    return (image - image.min()) / (np.ptp(image) or 1.0) * 255
+
+
+def _gradient(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.broadcast_to(np.linspace(0.0, 255.0, image.shape[-1]), image.shape)
+
+
+# Each turns a radiograph (uint8, square) into an input the input gate should flag.
+SHIFTS = {
+    "noise": lambda image, rng: rng.integers(0, 256, image.shape),
+    "gradient": _gradient,
+    "inverted": lambda image, rng: 255.0 - image,
+    "rotated_90": lambda image, rng: np.rot90(image),
+    "texture": lambda image, rng: _texture(rng, image.shape[-1]),
+    "underexposed": lambda image, rng: image * 0.2,
+    "overexposed": lambda image, rng: 255.0 * (image / 255.0) ** 0.2,
+}
+
+
+def shifted(images: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
+    """(N, size, size) uint8 radiographs turned into inputs of one kind (:data:`SHIFTS`)."""
+    rng = np.random.default_rng(seed)
+    made = [SHIFTS[kind](np.asarray(image, dtype=np.float64), rng) for image in images]
+    return np.clip(np.rint(np.stack(made)), 0, 255).astype(np.uint8)

@@ -23,7 +23,7 @@ from pneumo.errors import UserError
 if TYPE_CHECKING:
     from pneumo.config import Params
 
-COLUMNS = ["file", "probability", "label", "error"]
+COLUMNS = ["file", "probability", "label", "in_distribution", "gate_score", "reason", "error"]
 PROGRESS_FROM = 8  # files; fewer finish before a progress bar would say anything
 
 
@@ -77,17 +77,21 @@ def load_classifier(model: str | None, device: str, params: Callable[[], Params]
 
 
 def predict_files(
-    classifier: Classifier, files: list[Path], explain_dir: Path | None = None
+    classifier: Classifier,
+    files: list[Path],
+    explain_dir: Path | None = None,
+    allow_ood: bool = False,
 ) -> Iterator[dict]:
     """Rows in file order with a progress bar on stderr; with ``explain_dir``, a Grad-CAM
-    PNG per predicted image (named in the row's ``explanation``)."""
+    PNG per predicted image (named in the row's ``explanation``); ``allow_ood`` labels the
+    inputs the gate flags, too."""
     from tqdm import tqdm
 
     explanations = Explanations(classifier, explain_dir) if explain_dir else None
     with tqdm(
         total=len(files), unit="img", file=sys.stderr, disable=len(files) < PROGRESS_FROM
     ) as progress:
-        for row in classifier.predict_files(files):
+        for row in classifier.predict_files(files, allow_ood=allow_ood):
             if explanations is not None and "error" not in row:
                 row["explanation"] = str(explanations.write(Path(row["file"]), row))
             progress.update()
@@ -119,6 +123,8 @@ class Explanations:
         label, band = row["label"], self.classifier.settings.referral
         if label == band.LABEL:  # say why: the probability lies in the band
             label = f"{label}: in the referral band [{band.low:.3f}, {band.high:.3f})"
+        if not row["in_distribution"]:
+            label = f"{label or 'no label'}: unlike the training images (input gate)"
         return self.explain.explanation_png(
             pixels, cam, row["probability"], label, self.out_dir / name
         )

@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
-from mlflow.types import ColSpec, Schema
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 import pneumo
 from pneumo.config import Params
@@ -48,7 +48,16 @@ FLOOR_CI_TAGS = (f"{FLOOR_METRIC}_ci_low", f"{FLOOR_METRIC}_ci_high")
 KEY_TAG = "registration_key"
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "image")]),
-    outputs=Schema([ColSpec("double", "probability"), ColSpec("string", "label")]),
+    outputs=Schema(
+        [
+            ColSpec("double", "probability"),
+            ColSpec("string", "label", required=False),
+            ColSpec("boolean", "in_distribution"),
+            ColSpec("double", "gate_score"),
+            ColSpec("string", "reason", required=False),
+        ]
+    ),
+    params=ParamSchema([ParamSpec("allow_ood", "boolean", False)]),
 )
 # Distributions the served model imports (tests/test_serving.py checks the list is complete);
 # pydicom joins when installed, so DICOM input works where the model is served.

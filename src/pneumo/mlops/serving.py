@@ -8,8 +8,10 @@ their SHA-256 is checked against the one recorded at registration (``model_confi
 
 Input: a DataFrame with an ``image`` column of base64-encoded image files (PNG, JPEG, …, or
 DICOM with pydicom installed). Output: ``probability`` (of PNEUMONIA, averaged over the TTA
-views, then calibrated) and ``label``: REFER inside the validation-chosen referral band, else
-NORMAL or PNEUMONIA at the validation-chosen threshold.
+views, then calibrated); ``in_distribution``, ``gate_score`` and, for an input the input gate
+flags, a ``reason``; and ``label``: none for a flagged input (unless the request's params say
+``allow_ood: true``), REFER inside the validation-chosen referral band, else NORMAL or
+PNEUMONIA at the validation-chosen threshold.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pneumo.core.inference import MODEL_ARTIFACT, Classifier
+
+OUTPUT_COLUMNS = ["probability", "label", "in_distribution", "gate_score", "reason"]
 
 
 class PneumoniaModel(mlflow.pyfunc.PythonModel):
@@ -47,12 +51,14 @@ class PneumoniaModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         if model_input.empty:
-            return pd.DataFrame({"probability": pd.Series(dtype=float), "label": []})
+            return pd.DataFrame({column: [] for column in OUTPUT_COLUMNS})
         pixels = np.stack([self._pixels(i, item) for i, item in enumerate(model_input["image"])])
+        allow_ood = bool((params or {}).get("allow_ood", False))
         decisions = [
-            self.classifier.decide(float(p)) for p in self.classifier.probabilities(pixels)
+            self.classifier.decide(float(p), float(score), allow_ood)
+            for p, score in zip(*self.classifier.assess(pixels), strict=True)
         ]
-        return pd.DataFrame(decisions, columns=["probability", "label"])
+        return pd.DataFrame(decisions, columns=OUTPUT_COLUMNS)
 
 
 mlflow.models.set_model(PneumoniaModel())

@@ -79,6 +79,7 @@ def compare(
             "referral": {key: record.referral[key] for key in ("rule", "low", "high")}
             | record.referral["test"],
             "subgroups": record.subgroups,
+            "gate": record.gate["scores"],
         }
     p_test = {
         b: t.loc[first_test.index, "probability"].to_numpy() for b, (_, t, _) in loaded.items()

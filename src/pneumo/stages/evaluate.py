@@ -18,8 +18,8 @@ import pandas as pd
 import torch
 
 from pneumo import paths, platforms
-from pneumo.config import CLASS_NAMES, EvaluateConfig, Params
-from pneumo.core import calibration, referral, subgroups
+from pneumo.config import CLASS_NAMES, EvaluateConfig, GateConfig, Params
+from pneumo.core import calibration, gate, phantoms, referral, subgroups
 from pneumo.core.data import CachedSplit
 from pneumo.core.devices import resolve_device
 from pneumo.core.inference import load_network, tta_probabilities
@@ -33,7 +33,14 @@ from pneumo.core.metrics import (
 from pneumo.figures import png_figure
 from pneumo.files import sha256_of, staged_dir
 from pneumo.mlops import tracking
-from pneumo.records import Calibration, Evaluation, InferenceSettings, ModelCard, Referral
+from pneumo.records import (
+    Calibration,
+    Evaluation,
+    InferenceSettings,
+    InputGate,
+    ModelCard,
+    Referral,
+)
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +291,61 @@ def assess(
     return metrics, per_view, Decision(mapping, threshold, band)
 
 
+# Test images turned into each kind of shifted input to measure the gate's detection on.
+SHIFTED_IMAGES = 64
+
+
+def fit_input_gate(
+    model: torch.nn.Module,
+    train: CachedSplit,
+    splits: dict[str, CachedSplit],
+    cfg: GateConfig,
+    batch_size: int,
+    device: torch.device,
+) -> tuple[dict[str, np.ndarray], dict, dict[str, np.ndarray]]:
+    """The input gate fitted on the training split with its cut at ``cfg.percentile`` of the
+    validation scores, a report (the cut, false alarms on validation and test, and the
+    detection rate on each kind of shifted input, :data:`pneumo.core.phantoms.SHIFTS`, also
+    for each of its two distances alone and for the logit-energy score), and the gate scores
+    of ``splits``."""
+    images = {"train": train.images, **{name: split.images for name, split in splits.items()}}
+    test_images = splits["test"].images[:SHIFTED_IMAGES]
+    images |= {kind: phantoms.shifted(test_images, kind) for kind in phantoms.SHIFTS}
+    inputs = {
+        name: {
+            "features": gate.features(model, pixels, batch_size=batch_size, device=device),
+            "pixels": gate.pixel_features(pixels),
+        }
+        for name, pixels in images.items()
+    }
+    fitted = gate.fit(inputs["train"], inputs["val"], cfg.components, cfg.percentile)
+    head = gate.head_input(model)
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    for name, found in inputs.items():
+        scores[name] = gate.distances(fitted, found)
+        scores[name]["gate"] = np.maximum(scores[name]["features"], scores[name]["pixels"])
+        with torch.inference_mode():
+            features = torch.from_numpy(found["features"]).float().to(device)
+            logits = head(features).squeeze(1).cpu().numpy()
+        scores[name]["logit-energy"] = gate.energy(logits)
+    report: dict = {"method": gate.METHOD, "percentile": cfg.percentile}
+    report |= {"components": len(fitted["features_directions"]), "scores": {}}
+    report["n_shifted_per_kind"] = len(test_images)
+    cuts = {"gate": 1.0, **dict.fromkeys(gate.SPACES, 1.0)}  # in units of the fitted cuts
+    for scorer in ("gate", *gate.SPACES, "logit-energy"):
+        cut = cuts.get(scorer) or float(np.percentile(scores["val"][scorer], cfg.percentile))
+        report["scores"][scorer] = {
+            "threshold": cut,
+            "val_false_alarm": float((scores["val"][scorer] > cut).mean()),
+            "test_false_alarm": float((scores["test"][scorer] > cut).mean()),
+            "detection": {
+                kind: float((scores[kind][scorer] > cut).mean()) for kind in phantoms.SHIFTS
+            },
+        }
+    report["threshold"] = report["scores"]["gate"]["threshold"]
+    return fitted, report, {name: scores[name]["gate"] for name in splits}
+
+
 def evaluate(
     params: Params,
     backbone: str,
@@ -301,21 +363,27 @@ def evaluate(
     model, card = load_network(checkpoint_dir)
     model.to(device)
     splits = {name: CachedSplit.load(cache_dir, name) for name in ("val", "test")}
-    train = CachedSplit.load(cache_dir, "train").manifest
-    edges = subgroups.size_edges((train.width * train.height).to_numpy())
+    train = CachedSplit.load(cache_dir, "train")
+    edges = subgroups.size_edges((train.manifest.width * train.manifest.height).to_numpy())
     groups = {name: subgroups.slices(split.manifest, edges) for name, split in splits.items()}
     assessed, per_view, decision = assess(model, splits, groups["test"], cfg, device)
+    fitted_gate, gate_report, gate_scores = fit_input_gate(
+        model, train, splits, cfg.gate, cfg.batch_size, device
+    )
     record = Evaluation(
-        backbone=backbone, **assessed, data_hash=card.data_hash,
+        backbone=backbone, **assessed, gate=gate_report, data_hash=card.data_hash,
         platforms=platforms.distinct([card.platform, platforms.describe(device)]),
     )  # fmt: skip
-    write_model_folder(checkpoint_dir, model_dir, record, decision)
+    write_model_folder(checkpoint_dir, model_dir, record, decision, fitted_gate)
     test_metrics, val_metrics, no_tta = record.test, record.val, record.test_no_tta
 
     out_dir.mkdir(parents=True, exist_ok=True)
     frames = {
-        split: predictions_frame(splits[split], cfg.tta, per_view[split], decision).join(
-            groups[split]
+        split: predictions_frame(splits[split], cfg.tta, per_view[split], decision)
+        .join(groups[split])
+        .assign(
+            gate_score=gate_scores[split],
+            in_distribution=gate_scores[split] <= gate_report["threshold"],
         )
         for split in ("test", "val")
     }
@@ -383,20 +451,31 @@ def evaluate(
 
 
 def write_model_folder(
-    checkpoint_dir: Path, model_dir: Path, evaluation: Evaluation, decision: Decision
+    checkpoint_dir: Path,
+    model_dir: Path,
+    evaluation: Evaluation,
+    decision: Decision,
+    fitted_gate: dict[str, np.ndarray],
 ) -> None:
-    """The checkpoint's weights and card plus the inference settings evaluation chose, in one
-    folder that predicts on its own wherever it is copied."""
+    """The checkpoint's weights and card plus the inference settings and input gate
+    evaluation chose, in one folder that predicts on its own wherever it is copied."""
     weights = ModelCard.weights(checkpoint_dir)
-    settings = InferenceSettings(
-        tta_views=evaluation.tta_views,
-        calibration=decision.calibration,
-        threshold=decision.threshold,
-        threshold_rule=evaluation.threshold_rule,
-        referral=decision.band,
-        weights_sha256=sha256_of(weights),
-    )
     with staged_dir(model_dir) as staging:
         shutil.copyfile(weights, ModelCard.weights(staging))
         shutil.copyfile(ModelCard.path(checkpoint_dir), ModelCard.path(staging))
-        settings.write(staging)
+        gate_sha256 = gate.save(fitted_gate, staging)
+        InferenceSettings(
+            tta_views=evaluation.tta_views,
+            calibration=decision.calibration,
+            threshold=decision.threshold,
+            threshold_rule=evaluation.threshold_rule,
+            referral=decision.band,
+            gate=InputGate(
+                method=evaluation.gate["method"],
+                components=evaluation.gate["components"],
+                percentile=evaluation.gate["percentile"],
+                threshold=evaluation.gate["threshold"],
+                sha256=gate_sha256,
+            ),
+            weights_sha256=sha256_of(weights),
+        ).write(staging)

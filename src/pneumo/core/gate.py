@@ -1,0 +1,187 @@
+"""The input gate: how far an image lies from the training images, and a cut above which
+the model gives no label.
+
+A classifier answers with full confidence on anything that decodes as an image. The gate
+measures two distances from the training split, each the Mahalanobis distance under a
+probabilistic-PCA covariance (Tipping & Bishop 1999: the top ``components`` principal
+directions with their own variances plus one isotropic variance for the rest, invertible with
+fewer images than dimensions and stored in ``components x dimensions`` numbers):
+
+- in the network's own **features** (the pooled vector entering the head), which see content:
+  noise, an inverted or overexposed image;
+- in **pixels**: the intensity histogram and an 8 x 8 thumbnail, which see what global pooling
+  averages away: a flat gradient, a texture, a rotated radiograph, an exposure far off.
+
+Each distance has its own cut on the validation split, at the percentile that leaves half of
+``100 - percentile`` above it, and an image beyond either cut is flagged: about 1% of
+validation images by design at ``percentile: 99`` (on a small split, the highest image of each
+space at least: 2 of 76 on the sample). The score is the larger distance in
+units of its cut, so the gate's threshold is 1. Measured against it (``evaluate`` reports all
+of them): each distance alone, and a logit-energy score (``-log(1 + e^|z|)``, the one-logit
+form of Liu et al. 2020), which sees only how confident the head is, while a confident answer
+on a photograph is exactly what the gate must catch.
+
+Applying the gate needs the network's features and numpy: the registered model ships this
+module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pneumo.files import sha256_of
+from pneumo.records import InputGate
+
+METHOD = "ppca-mahalanobis: network features and pixels"
+# Variances below this are treated as this: a direction the training images never vary along
+# would otherwise give an infinite distance to any image that does.
+MIN_VARIANCE = 1e-6
+
+
+def head_input(model: torch.nn.Module) -> torch.nn.Module:
+    """The classification head whose input is the pooled feature vector."""
+    backbone = model.backbone
+    for name in ("fc", "classifier", "_fc"):  # torchvision ResNet, DenseNet; efficientnet-pytorch
+        if hasattr(backbone, name):
+            return getattr(backbone, name)
+    raise TypeError(f"no known head on {type(backbone).__name__}")
+
+
+class FeatureTap:
+    """Records the pooled features entering the head on every forward pass."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.captured: list[torch.Tensor] = []
+        self._handle = head_input(model).register_forward_pre_hook(self._keep)
+
+    def _keep(self, _module, inputs) -> None:
+        self.captured.append(inputs[0].detach().flatten(1).float().cpu())
+
+    def take(self) -> np.ndarray:
+        features = torch.cat(self.captured).numpy().astype(np.float64)
+        self.captured.clear()
+        return features
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+@torch.inference_mode()
+def features(
+    model: torch.nn.Module, images: np.ndarray, *, batch_size: int = 64, device="cpu"
+) -> np.ndarray:
+    """Pooled features (N, D) of (N, size, size) uint8 pixels, the identity view."""
+    model.eval()
+    tap = FeatureTap(model)
+    try:
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(np.array(images[start : start + batch_size]))[:, None]
+            model(batch.to(device))
+        return tap.take()
+    finally:
+        tap.close()
+
+
+PIXEL_BINS = 32
+THUMBNAIL = 8
+
+
+def pixel_features(images: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """(N, size, size) uint8 → (N, 32 + 64): the intensity histogram (fractions) and an
+    8 x 8 area-averaged thumbnail in 0..1, ``chunk`` images in memory at a time."""
+    out = []
+    for start in range(0, len(images), chunk):
+        batch = np.asarray(images[start : start + chunk])
+        bins = (batch.reshape(len(batch), -1).astype(np.int32) * PIXEL_BINS) // 256
+        histogram = np.stack([np.bincount(row, minlength=PIXEL_BINS) for row in bins])
+        thumbnail = torch.nn.functional.adaptive_avg_pool2d(
+            torch.from_numpy(batch.astype(np.float32))[:, None], THUMBNAIL
+        )
+        out.append(
+            np.hstack([histogram / bins.shape[1], thumbnail.flatten(1).double().numpy() / 255])
+        )
+    return np.vstack(out)
+
+
+def _fit_ppca(x: np.ndarray, components: int) -> dict[str, np.ndarray]:
+    """Mean, principal directions, their variances and the isotropic rest."""
+    mean = x.mean(axis=0)
+    _, singular, directions = np.linalg.svd(x - mean, full_matrices=False)
+    variances = singular**2 / max(len(x) - 1, 1)
+    k = min(components, len(variances))
+    rest = variances[k:].sum() / max(x.shape[1] - k, 1)
+    return {
+        "mean": mean,
+        "directions": directions[:k],
+        "variances": np.maximum(variances[:k], MIN_VARIANCE),
+        "rest": np.array(max(rest, MIN_VARIANCE)),
+    }
+
+
+def _distance(fitted: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """Squared Mahalanobis distance per row under the probabilistic-PCA covariance."""
+    centred = x - fitted["mean"]
+    along = centred @ fitted["directions"].T
+    residual = (centred**2).sum(axis=1) - (along**2).sum(axis=1)
+    return (along**2 / fitted["variances"]).sum(axis=1) + residual / fitted["rest"]
+
+
+SPACES = ("features", "pixels")
+
+
+def fit(
+    train: dict[str, np.ndarray], val: dict[str, np.ndarray], components: int, percentile: float
+) -> dict[str, np.ndarray]:
+    """The gate's arrays from training features and pixels (``{"features": …, "pixels": …}``,
+    see :func:`pixel_features`), each space's cut at the validation percentile that leaves
+    half of ``100 - percentile`` above it, so that together they flag at most
+    ``100 - percentile`` % of validation."""
+    fitted: dict[str, np.ndarray] = {}
+    for space in SPACES:
+        ppca = _fit_ppca(train[space], components)
+        cut = np.percentile(_distance(ppca, val[space]), 100 - (100 - percentile) / 2)
+        fitted |= {f"{space}_{name}": value for name, value in ppca.items()}
+        fitted[f"{space}_cut"] = np.array(max(cut, MIN_VARIANCE))
+    return fitted
+
+
+def distances(fitted: dict[str, np.ndarray], inputs: dict[str, np.ndarray]) -> dict:
+    """Each space's distance from the training images, in units of its cut (above 1: flagged
+    by that space)."""
+    out = {}
+    for space in SPACES:
+        prefix = f"{space}_"
+        ppca = {
+            name.removeprefix(prefix): v for name, v in fitted.items() if name.startswith(prefix)
+        }
+        out[space] = _distance(ppca, inputs[space]) / ppca["cut"]
+    return out
+
+
+def score(fitted: dict[str, np.ndarray], features: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """The gate's score, the larger of the two distances in units of their cuts, for network
+    features and (N, size, size) uint8 pixels: above 1, the input gets no label."""
+    found = distances(fitted, {"features": features, "pixels": pixel_features(pixels)})
+    return np.maximum(found["features"], found["pixels"])
+
+
+def energy(logits: np.ndarray) -> np.ndarray:
+    """The logit-energy score of a one-logit head, higher for less confident answers."""
+    return -np.logaddexp(0.0, np.abs(logits))
+
+
+def save(fitted: dict[str, np.ndarray], folder: Path) -> str:
+    """Write the fitted arrays as the model folder's gate file (tensors, as the weights are:
+    the same bytes for the same arrays); returns its SHA-256."""
+    path = folder / InputGate.FILE
+    torch.save({name: torch.from_numpy(np.asarray(value)) for name, value in fitted.items()}, path)
+    return sha256_of(path)
+
+
+def load(folder: Path) -> dict[str, np.ndarray]:
+    """The fitted arrays of a model folder's gate, read with ``weights_only=True``."""
+    tensors = torch.load(folder / InputGate.FILE, map_location="cpu", weights_only=True)
+    return {name: tensor.numpy() for name, tensor in tensors.items()}
