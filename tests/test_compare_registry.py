@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from pneumo.markdown import ReadmeError, update_readme_block
 from pneumo.mlops import registry
-from pneumo.records import Evaluation, InferenceSettings, Registration
+from pneumo.records import Evaluation, InferenceSettings, ModelCardDocument, Registration
 from tests.conftest import TINY_PARAMS, run_cli, store_uri, tool_env
 from tests.test_promotion import version_tags
 
@@ -112,6 +112,8 @@ def test_versions_are_registered_with_tags_and_a_challenger(read_only):
     for key in ("git_commit", "dvc_experiment", "data_hash", "val_auc", "val_recall", "threshold"):
         assert key in challenger.tags
     assert challenger.current_stage == "None"  # aliases only, no deprecated stages
+    card = (read_only / "models" / best / ModelCardDocument.MARKDOWN).read_text()
+    assert challenger.description == card  # the model card, for whoever browses the registry
 
 
 def test_registration_writes_every_tag_the_gate_reads(read_only):

@@ -10,7 +10,7 @@ import pytest
 
 from pneumo.core import calibration, phantoms
 from pneumo.files import sha256_of
-from pneumo.records import InferenceSettings
+from pneumo.records import InferenceSettings, ModelCardDocument
 from pneumo.stages.evaluate import pr_panel, roc_panel
 from tests.conftest import run_cli
 
@@ -75,6 +75,19 @@ def test_evaluate_outputs(tiny_project):
     assert set(scores) == {"gate", "features", "pixels", "logit-energy"}
     assert set(scores["gate"]["detection"]) == set(phantoms.SHIFTS)
     assert 0 <= scores["gate"]["test_false_alarm"] <= 1
+    # the model card, JSON and Markdown, in the folder
+    folder = tiny_project / "models/resnet50"
+    document = ModelCardDocument.read(folder)
+    assert document.model == "resnet50" and "not for diagnosis" in document.intended_use
+    assert document.data["splits"]["test"] == {
+        "NORMAL": int((predictions.target == 0).sum()),
+        "PNEUMONIA": int((predictions.target == 1).sum()),
+    }
+    assert document.test_metrics["accuracy"] == metrics["test"]["accuracy"]
+    assert any("phantoms" in limit for limit in document.limits)
+    markdown = (folder / ModelCardDocument.MARKDOWN).read_text()
+    assert markdown.startswith("# Model card: resnet50") and len(markdown) < 5000
+    assert "Research use only, not for diagnosis" in markdown
     counts = metrics["test"]
     assert counts["tp"] + counts["fn"] == (predictions.target == 1).sum()
     for plot in ("roc.csv", "pr.csv", "calibration.csv", "risk_coverage.csv", "evaluation.png",

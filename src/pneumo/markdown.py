@@ -1,4 +1,5 @@
-"""The Markdown that reports and the README show: result tables and README blocks.
+"""The Markdown that reports, the README and model cards show: result tables, README blocks
+and the model card.
 
 Pure functions of the records (:mod:`pneumo.records`): the README's blocks are rendered from
 reports/comparison.json (``pneumo readme``) and the experiments' report (``pneumo report``),
@@ -13,7 +14,7 @@ from pathlib import Path
 from pneumo import platforms
 from pneumo.config import Params, selected_metric
 from pneumo.errors import UserError
-from pneumo.records import Comparison
+from pneumo.records import Comparison, ModelCardDocument
 
 README_BLOCKS = {"comparison": "pneumo readme", "experiments": "pneumo report"}
 TABLE_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
@@ -269,3 +270,75 @@ def readme_block(readme: Path, name: str = "comparison") -> str:
     start, end = _markers(name)
     text = readme.read_text()
     return text[text.index(start) + len(start) + 1 : text.index(end)]
+
+
+# MLflow's SQL stores keep a model version's description in VARCHAR(5000).
+DESCRIPTION_MAX_CHARS = 5000
+
+
+def render_model_card(card: ModelCardDocument) -> str:
+    """The model card as Markdown, short enough to be a registered version's description."""
+    decision = card.decision
+    calibrated, band, gate = decision["calibration"], decision["referral"], decision["gate"]
+    splits = "; ".join(
+        f"{split} {counts['NORMAL']} NORMAL / {counts['PNEUMONIA']} PNEUMONIA"
+        for split, counts in card.data["splits"].items()
+    )
+    recipe = card.recipe
+    lines = [
+        f"# Model card: {card.model}",
+        "",
+        f"**Intended use.** {card.intended_use}",
+        "",
+        f"**Not for.** {card.not_for}",
+        "",
+        f"**Data.** {card.data['description']}; {splits} (data hash "
+        f"`{card.data['data_hash'][:12]}`).",
+        "",
+        f"**Recipe.** {recipe['image_size']} px, "
+        f"{'ImageNet-pretrained' if recipe['pretrained'] else 'random init'}, "
+        f"{recipe['loss']['name']} loss, {recipe['train']['epochs']} epochs, lr "
+        f"{recipe['train']['lr']:g} ({recipe['train']['scheduler']}), TTA "
+        f"{', '.join(recipe['tta_views'])}.",
+        "",
+        "**Test metrics** (95% bootstrap CI):",
+        "",
+        "| " + " | ".join(card.test_metrics) + " |",
+        "|---" * len(card.test_metrics) + "|",
+        "| " + " | ".join(format_metric(m) for m in card.test_metrics.values()) + " |",
+        "",
+        f"**How it answers** (chosen on validation): calibration `{calibrated['method']}` "
+        f"(test ECE {format_metric(calibrated['test_ece_before'])} before, "
+        f"{format_metric(calibrated['test_ece_after'])} after); threshold "
+        f"{decision['threshold']:.3f} (`{decision['threshold_rule']}`); REFER between "
+        f"{band['low']:.3f} and {band['high']:.3f} (`{band['rule']}`), answering "
+        f"{format_metric(band['test_coverage'])} of test; input gate false alarms "
+        f"{gate['test_false_alarm']:.3f} on test, flagging "
+        + ", ".join(f"{kind} {rate:.2f}" for kind, rate in gate["detection"].items())
+        + " of shifted inputs.",
+        "",
+        "**Sensitivity by subgroup:** "
+        + "; ".join(
+            f"{name} {format_metric(recall)}"
+            for groups in card.subgroups.values()
+            for name, recall in groups.items()
+        )
+        + ".",
+        "",
+        "**External data:** "
+        + (
+            "; ".join(f"{e['name']}: {e}" for e in card.external)
+            if card.external
+            else "not evaluated on another data set."
+        ),
+        "",
+        "**Platform:** " + "; ".join(map(platforms.summary, card.platforms)) + ".",
+        "",
+        "**Known limits.**",
+        "",
+        *(f"- {limit}" for limit in card.limits),
+    ]
+    text = "\n".join(lines) + "\n"
+    if len(text) > DESCRIPTION_MAX_CHARS:  # the JSON beside it keeps everything
+        text = text[: DESCRIPTION_MAX_CHARS - 60] + "\n\n… (cut: model_card.json has it all)\n"
+    return text

@@ -147,6 +147,29 @@ class InferenceSettings(Record):
     weights_sha256: str
 
 
+class ModelCardDocument(Record):
+    """What a person deciding whether to use a model folder needs, in the folder beside the
+    weights as JSON and as Markdown (``MARKDOWN``, also the registered version's description):
+    intended use, data, recipe, metrics with intervals, calibration, referral band, input
+    gate, subgroups, external results, platform and known limits."""
+
+    FILE = "model_card.json"
+    WRITER = "pneumo evaluate {name}"
+    MARKDOWN: ClassVar[str] = "MODEL_CARD.md"
+
+    model: str
+    intended_use: str
+    not_for: str
+    data: dict[str, Any]
+    recipe: dict[str, Any]
+    test_metrics: dict[str, Any]
+    decision: dict[str, Any]  # threshold, calibration, referral band, input gate
+    subgroups: dict[str, Any]
+    external: list[dict[str, Any]]
+    platforms: list[dict[str, Any]]
+    limits: list[str]
+
+
 class TrainSummary(Record):
     """The best epoch of a training run, in ``reports/train/<backbone>`` (DVC metrics)."""
 

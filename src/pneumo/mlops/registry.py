@@ -34,7 +34,7 @@ from pneumo.config import Params
 from pneumo.core.inference import MODEL_ARTIFACT, SHIPPED_MODULES, verified_settings
 from pneumo.core.metrics import MetricsError, delong_interval
 from pneumo.mlops import tracking
-from pneumo.records import Evaluation, InferenceSettings, ModelCard
+from pneumo.records import Evaluation, InferenceSettings, ModelCard, ModelCardDocument
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +155,13 @@ def register(params: Params, backbone: str, model_dir: Path, eval_dir: Path, raw
         "test_accuracy": f"{evaluation.test['accuracy']['value']:.6f}",
         "test_roc_auc": f"{evaluation.test['roc_auc']['value']:.6f}",
     }
+    description = (model_dir / ModelCardDocument.MARKDOWN).read_text()
     existing = _version_with_key(client, name, tags[KEY_TAG])
     if existing is not None:
+        if existing.description != description:
+            tracking.with_retries(
+                lambda: client.update_model_version(name, existing.version, description)
+            )
         for key, value in tags.items():
             if key not in ("git_commit", "dvc_experiment") and existing.tags.get(key) != value:
                 tracking.with_retries(
@@ -186,6 +191,8 @@ def register(params: Params, backbone: str, model_dir: Path, eval_dir: Path, raw
             )
         )
     created = tracking.with_retries(lambda: mlflow.register_model(info.model_uri, name, tags=tags))
+    # The model card; a kill before this line leaves a version the next run finds and fills.
+    tracking.with_retries(lambda: client.update_model_version(name, created.version, description))
     log.info("registered %s as %s version %s", backbone, name, created.version)
     return str(created.version)
 

@@ -31,7 +31,8 @@ from pneumo.core.metrics import (
     metrics_with_ci,
 )
 from pneumo.figures import png_figure
-from pneumo.files import sha256_of, staged_dir
+from pneumo.files import sha256_of, staged_dir, write_text_atomic
+from pneumo.markdown import describe_data, render_model_card
 from pneumo.mlops import tracking
 from pneumo.records import (
     Calibration,
@@ -39,6 +40,7 @@ from pneumo.records import (
     InferenceSettings,
     InputGate,
     ModelCard,
+    ModelCardDocument,
     Referral,
 )
 
@@ -374,7 +376,9 @@ def evaluate(
         backbone=backbone, **assessed, gate=gate_report, data_hash=card.data_hash,
         platforms=platforms.distinct([card.platform, platforms.describe(device)]),
     )  # fmt: skip
-    write_model_folder(checkpoint_dir, model_dir, record, decision, fitted_gate)
+    counts = {"train": train.class_counts(), **{n: s.class_counts() for n, s in splits.items()}}
+    document = model_card_document(params, backbone, record, counts)
+    write_model_folder(checkpoint_dir, model_dir, record, decision, fitted_gate, document)
     test_metrics, val_metrics, no_tta = record.test, record.val, record.test_no_tta
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -450,17 +454,103 @@ def evaluate(
     return record
 
 
+INTENDED_USE = (
+    "Research and teaching: comparing chest-radiograph pneumonia classifiers and the MLOps "
+    "around them. Research use only, not for diagnosis."
+)
+NOT_FOR = (
+    "Diagnosis, triage or any clinical decision; images other than frontal paediatric chest "
+    "radiographs (the input gate flags many such inputs, not all)."
+)
+
+
+def known_limits(params: Params, record: Evaluation) -> list[str]:
+    """What the numbers do not cover, the data's own limits first."""
+    limits = []
+    if params.data.source == "sample":
+        limits.append(
+            "Trained and tested on generated phantoms, not radiographs: the numbers show that "
+            "the pipeline works, not how a model does on real images."
+        )
+    limits += [
+        "Built for the Kermany et al. (2018) data: paediatric (1-5 years) frontal chest "
+        "radiographs from one centre (Guangzhou Women and Children's Medical Center). Adults, "
+        "other sites, devices and views are outside what such a model has seen.",
+        "The official Kaggle test split differs from its train split (a known shift) and its "
+        "val split holds 16 images: pneumo splits validation by patient from train instead.",
+        f"Calibration, threshold, referral band and gate cuts come from {record.n_val} "
+        "validation images: a small split makes them coarse.",
+    ]
+    return limits
+
+
+def model_card_document(
+    params: Params, backbone: str, record: Evaluation, counts: dict[str, tuple[int, int]]
+) -> ModelCardDocument:
+    """The model card of one model folder, from the evaluation and the params it ran with."""
+    return ModelCardDocument(
+        model=backbone,
+        intended_use=INTENDED_USE,
+        not_for=NOT_FOR,
+        data={
+            "description": describe_data(params),
+            "data_hash": record.data_hash,
+            "splits": {
+                split: dict(zip(CLASS_NAMES, pair, strict=True)) for split, pair in counts.items()
+            },
+        },
+        recipe={
+            "image_size": params.data.image_size,
+            "pretrained": params.model.pretrained,
+            "loss": params.loss.model_dump(),
+            "train": {k: getattr(params.train, k) for k in ("epochs", "lr", "scheduler")}
+            | {"weighted_sampler": params.train.weighted_sampler},
+            "tta_views": record.tta_views,
+        },
+        test_metrics={
+            m: record.test[m]
+            for m in ("accuracy", "recall", "specificity", "precision", "f1", "roc_auc")
+        },
+        decision={
+            "threshold": record.threshold,
+            "threshold_rule": record.threshold_rule,
+            "calibration": {
+                "method": record.calibration["method"],
+                "test_ece_before": record.calibration["test_before"]["ece"],
+                "test_ece_after": record.calibration["test_after"]["ece"],
+            },
+            "referral": {k: record.referral[k] for k in ("rule", "low", "high")}
+            | {"test_coverage": record.referral["test"]["coverage"]},
+            "gate": {
+                k: record.gate["scores"]["gate"][k]
+                for k in ("val_false_alarm", "test_false_alarm", "detection")
+            },
+        },
+        subgroups={
+            slicing: {name: row["recall"] for name, row in record.subgroups[slicing].items()}
+            for slicing in ("subtype", "size_band")
+        },
+        external=[],
+        platforms=record.platforms,
+        limits=known_limits(params, record),
+    )
+
+
 def write_model_folder(
     checkpoint_dir: Path,
     model_dir: Path,
     evaluation: Evaluation,
     decision: Decision,
     fitted_gate: dict[str, np.ndarray],
+    document: ModelCardDocument,
 ) -> None:
     """The checkpoint's weights and card plus the inference settings and input gate
-    evaluation chose, in one folder that predicts on its own wherever it is copied."""
+    evaluation chose and the model card, in one folder that predicts on its own wherever it
+    is copied."""
     weights = ModelCard.weights(checkpoint_dir)
     with staged_dir(model_dir) as staging:
+        document.write(staging)
+        write_text_atomic(staging / document.MARKDOWN, render_model_card(document))
         shutil.copyfile(weights, ModelCard.weights(staging))
         shutil.copyfile(ModelCard.path(checkpoint_dir), ModelCard.path(staging))
         gate_sha256 = gate.save(fitted_gate, staging)
