@@ -377,7 +377,9 @@ def evaluate(
         platforms=platforms.distinct([card.platform, platforms.describe(device)]),
     )  # fmt: skip
     counts = {"train": train.class_counts(), **{n: s.class_counts() for n, s in splits.items()}}
-    document = model_card_document(params, backbone, record, counts)
+    # The recipe is the one the checkpoint was trained with, as its card records it.
+    trained = Params.model_validate(card.params)
+    document = model_card_document(trained, backbone, record, counts)
     write_model_folder(checkpoint_dir, model_dir, record, decision, fitted_gate, document)
     test_metrics, val_metrics, no_tta = record.test, record.val, record.test_no_tta
 
@@ -487,7 +489,8 @@ def known_limits(params: Params, record: Evaluation) -> list[str]:
 def model_card_document(
     params: Params, backbone: str, record: Evaluation, counts: dict[str, tuple[int, int]]
 ) -> ModelCardDocument:
-    """The model card of one model folder, from the evaluation and the params it ran with."""
+    """The model card of one model folder, from its evaluation and the params it was trained
+    with."""
     return ModelCardDocument(
         model=backbone,
         intended_use=INTENDED_USE,
