@@ -54,6 +54,20 @@ def test_repository_params_spell_out_every_key():
         ({"evaluate": {"threshold": 1.5}}, "evaluate.threshold"),
         ({"evaluate": {"threshold": "recall>=2"}}, "evaluate.threshold"),
         ({"unknown_section": 1}, "unknown_section: unknown key"),
+        ({"evaluate": {"external": [{"name": "x"}]}}, "evaluate.external.0: external set 'x'"),
+        (
+            {"evaluate": {"external": [{"name": "x", "path": "a", "sample": {}}]}},
+            "either path or sample, not both",
+        ),
+        ({"evaluate": {"external": [{"name": "a b", "path": "a"}]}}, "evaluate.external.0.name"),
+        (
+            {"evaluate": {"external": [{"name": "a", "path": "a"}, {"name": "a", "path": "b"}]}},
+            "evaluate.external: external set names must differ",
+        ),
+        (
+            {"evaluate": {"external": [{"name": "x", "sample": {"acquisition": {"exposure": 0}}}]}},
+            "evaluate.external.0.sample.acquisition.exposure",
+        ),
     ],
 )
 def test_invalid_values_name_the_key(raw, expected):

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+from io import StringIO
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from pneumo.core import calibration, phantoms
 from pneumo.files import sha256_of
 from pneumo.records import InferenceSettings, ModelCardDocument
 from pneumo.stages.evaluate import pr_panel, roc_panel
-from tests.conftest import run_cli
+from tests.conftest import jpeg_bytes, run_cli, write_tree
 
 
 def test_evaluate_outputs(tiny_project):
@@ -136,3 +138,64 @@ def test_roc_panel_marks_the_operating_point_and_names_the_auc_interval():
     assert baseline.get_label() == "prevalence 0.60 (no skill)"
     assert list(baseline.get_ydata()) == pytest.approx([0.6, 0.6])
     plt.close(fig)
+
+
+def test_external_sets_are_evaluated_at_the_folders_settings_and_change_nothing_chosen(
+    project_copy,
+):
+    """A generated set from another "site" and a user's CSV (one file corrupt): evaluate
+    reports them in metrics.json and the model card without changing any setting, and
+    `pneumo evaluate-external` on the same CSV gives what predict's probabilities give."""
+    settings = InferenceSettings.read(project_copy / "models/resnet50")
+    raw = yaml.safe_load((project_copy / "params.yaml").read_text())
+    test = pd.read_csv(project_copy / "reports/eval/resnet50/predictions.csv")
+    test = test.groupby("label").head(8)
+    rows = list(zip("data/raw/" + test.image, test.label, strict=True))
+    write_tree(project_copy / "site", {"broken.jpeg": b"not an image"})
+    table = project_copy / "site/labels.csv"
+    lines = ["path,label", *(f"../{p},{label}" for p, label in rows), "broken.jpeg,1"]
+    table.write_text("\n".join(lines) + "\n")
+    other_site = {"normal": 8, "pneumonia": 8, "image_size": 96}
+    other_site |= {"acquisition": {"exposure": 1.8, "noise": 3.0, "field_of_view": 1.3}}
+    raw["evaluate"]["external"] = [
+        {"name": "other-site", "sample": other_site},
+        {"name": "csv-site", "path": str(table)},
+    ]
+    (project_copy / "params.yaml").write_text(yaml.safe_dump(raw))
+    evaluated = run_cli("evaluate", "resnet50")
+    assert evaluated.exit_code == 0, evaluated.output
+
+    assert InferenceSettings.read(project_copy / "models/resnet50") == settings
+    metrics = json.loads((project_copy / "reports/eval/resnet50/metrics.json").read_text())
+    found = metrics["external"]
+    assert list(found) == ["other-site", "csv-site"]
+    assert (found["other-site"]["n"], found["other-site"]["n_pneumonia"]) == (16, 8)
+    assert (found["csv-site"]["n"], found["csv-site"]["n_unreadable"]) == (16, 1)
+    # darker, noisier and wider than training: further from it than the test split
+    shift, in_domain = found["other-site"]["shift"], metrics["gate"]["test_shift"]
+    assert shift["histogram_distance"] > 3 * in_domain["histogram_distance"]
+    assert shift["pixels_distance"] > in_domain["pixels_distance"]
+    card = ModelCardDocument.read(project_copy / "models/resnet50")
+    assert [entry["name"] for entry in card.external] == ["other-site", "csv-site"]
+    assert "csv-site (16 images)" in (project_copy / "models/resnet50/MODEL_CARD.md").read_text()
+
+    result = run_cli("evaluate-external", "csv-site", str(table), "--model", "models/resnet50")
+    assert result.exit_code == 0, result.output
+    assert "| models/resnet50 | csv-site | 16 |" in result.output
+    report = json.loads((project_copy / "reports/external/csv-site.json").read_text())
+    alone = report["models"]["models/resnet50"]
+    assert alone["metrics"] == found["csv-site"]["metrics"]
+    files = [path for path, _ in rows]
+    predicted = run_cli("predict", "--model", "models/resnet50", "--allow-ood", *files)
+    probability = pd.read_csv(StringIO(predicted.stdout)).probability.to_numpy()
+    targets = np.array([label == "PNEUMONIA" for _, label in rows])
+    accuracy = ((probability >= settings.threshold) == targets).mean()
+    assert alone["metrics"]["accuracy"]["value"] == pytest.approx(accuracy)
+
+
+def test_evaluate_external_without_class_folders_is_a_clear_error(project_copy):
+    write_tree(project_copy / "photos", {"holiday/cat.jpeg": jpeg_bytes(1)})
+    result = run_cli("evaluate-external", "photos", "photos", "--model", "models/resnet50")
+    assert result.exit_code == 1
+    assert "no images in NORMAL/ or PNEUMONIA/ folders" in result.output
+    assert not (project_copy / "reports/external").exists()

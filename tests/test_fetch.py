@@ -9,8 +9,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pneumo.config import DataConfig, ZipLimits
-from pneumo.stages.fetch import MB, FetchError, ReadBudget, fetch, patient_id
+from pneumo.config import DataConfig, ExternalSet, ZipLimits
+from pneumo.stages.fetch import (
+    EXTERNAL_SPLIT,
+    MB,
+    FetchError,
+    ReadBudget,
+    external_entries,
+    fetch,
+    patient_id,
+)
 from tests.conftest import jpeg_bytes, kaggle_files, run_cli, write_tree
 
 
@@ -234,3 +242,66 @@ def test_symbolic_links_in_a_source_folder_are_refused(tmp_path, target):
     with pytest.raises(FetchError, match=r"1 symbolic links, which fetch does not follow.*NORMAL"):
         fetch(_local(source), tmp_path / "raw", seed=0)
     assert not (tmp_path / "raw").exists()
+
+
+# --- external sets -------------------------------------------------------------------------
+
+
+def _external(path: Path) -> list:
+    return external_entries(ExternalSet(name="site", path=str(path)), ZipLimits())
+
+
+def test_an_external_folder_pools_every_split_and_ignores_nested_copies_and_debris(tmp_path):
+    files = kaggle_files("chest_xray")
+    nested = {f"chest_xray/{k}": v for k, v in files.items()}
+    debris = {"__MACOSX/chest_xray/test/NORMAL/._a.jpeg": b"x", "chest_xray/.DS_Store": b"x"}
+    entries = _external(write_tree(tmp_path / "src", {**files, **nested, **debris}))
+    assert len(entries) == len(files)
+    assert {e.split for e in entries} == {EXTERNAL_SPLIT}
+    labels = sorted((e.label, e.name) for e in entries)
+    assert labels == sorted((k.split("/")[-2], k.split("/")[-1]) for k in files)
+
+
+def test_an_external_zip_with_class_folders_at_the_top_reads_like_the_folder(tmp_path):
+    files = {"NORMAL/a.jpeg": jpeg_bytes(1), "PNEUMONIA/b.png": jpeg_bytes(2, mode="RGB")}
+    archive = tmp_path / "site.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for rel, data in files.items():
+            zf.writestr(rel, data)
+    from_zip = [(e.label, e.name, e.read()) for e in _external(archive)]
+    from_dir = [(e.label, e.name, e.read()) for e in _external(write_tree(tmp_path / "d", files))]
+    assert from_zip == from_dir == [("NORMAL", "a.jpeg", files["NORMAL/a.jpeg"]),
+                                    ("PNEUMONIA", "b.png", files["PNEUMONIA/b.png"])]  # fmt: skip
+
+
+def test_an_external_csv_names_files_relative_to_itself_with_labels_or_zero_one(tmp_path):
+    write_tree(tmp_path / "imgs", {"x.jpeg": jpeg_bytes(1), "y.jpeg": jpeg_bytes(2)})
+    table = tmp_path / "labels.csv"
+    table.write_text("path,label,site\nimgs/x.jpeg,0,a\nimgs/y.jpeg,pneumonia,a\n")
+    entries = _external(table)
+    assert [(e.label, e.name) for e in entries] == [("NORMAL", "x.jpeg"), ("PNEUMONIA", "y.jpeg")]
+    assert entries[1].read() == jpeg_bytes(2)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("file,class\nimgs/x.jpeg,0\n", "needs the columns path,label"),
+        ("path,label\nimgs/x.jpeg,maybe\n", r"NORMAL/PNEUMONIA or 0/1, found \['MAYBE'\]"),
+        ("path,label\nimgs/gone.jpeg,1\n", "1 files that do not exist.*gone.jpeg"),
+    ],
+)
+def test_a_wrong_external_csv_says_what_is_wrong_before_reading_any_image(tmp_path, text, message):
+    write_tree(tmp_path / "imgs", {"x.jpeg": jpeg_bytes(1)})
+    table = tmp_path / "labels.csv"
+    table.write_text(text)
+    with pytest.raises(FetchError, match=message):
+        _external(table)
+
+
+def test_an_external_folder_without_class_folders_is_refused(tmp_path):
+    source = write_tree(tmp_path / "src", {"images/cat.jpeg": jpeg_bytes(1)})
+    with pytest.raises(FetchError, match="no images in NORMAL/ or PNEUMONIA/ folders"):
+        _external(source)
+    with pytest.raises(FetchError, match="does not exist"):
+        _external(tmp_path / "nowhere")

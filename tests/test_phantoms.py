@@ -8,7 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from pneumo.config import SampleConfig, SplitCounts
 from pneumo.core.images import prepare_image
-from pneumo.core.phantoms import phantom
+from pneumo.core.phantoms import AS_TRAINED, Acquisition, phantom
 from pneumo.stages.fetch import patient_id, sample_entries
 
 SMALL = SampleConfig(
@@ -59,3 +59,22 @@ def test_a_linear_model_separates_the_classes_well_above_chance():
     model = LogisticRegression(C=10.0, max_iter=5000).fit(x_train, y_train)
     auc = roc_auc_score(y_test, model.predict_proba(x_test)[:, 1])
     assert auc > 0.75, f"generated classes are not learnable: AUC {auc:.3f}"
+
+
+def test_acquisition_settings_change_exposure_noise_and_field_of_view_only_when_asked():
+    trained = np.stack([phantom(5, i, 96, bool(i % 2)) for i in range(8)]).astype(float)
+    same = np.stack([phantom(5, i, 96, bool(i % 2), Acquisition()) for i in range(8)])
+    assert Acquisition() == AS_TRAINED and np.array_equal(trained, same)
+
+    def made(**settings) -> np.ndarray:
+        acquisition = Acquisition(**settings)
+        return np.stack([phantom(5, i, 96, bool(i % 2), acquisition) for i in range(8)])
+
+    assert made(exposure=1.6).mean() < trained.mean() - 10  # more dose, darker
+    # noise: the difference to a neighbouring pixel grows
+    roughness = lambda images: np.abs(np.diff(images.astype(float), axis=-1)).mean()  # noqa: E731
+    assert roughness(made(noise=4.0)) > 2 * roughness(trained)
+    # a wider field shows more of the dark surround: the border columns get darker on average
+    wide = made(field_of_view=1.4).astype(float)
+    border = np.s_[:, :, :10]
+    assert wide[border].mean() < trained[border].mean()

@@ -71,6 +71,15 @@ def test_repro_runs_every_stage_and_leaves_nothing_to_do(reproduced):
         "compare", "register",
     }  # fmt: skip
     assert (root / "data/processed/report.json").is_file()
+    # the phantoms from another "site" (params evaluate.external) lie further from training
+    for backbone in BACKBONES:
+        metrics = json.loads((root / f"reports/eval/{backbone}/metrics.json").read_text())
+        other_site = metrics["external"]["phantoms-other-site"]
+        assert other_site["n"] == 100 and other_site["n_unreadable"] == 0
+        in_domain = metrics["gate"]["test_shift"]["histogram_distance"]
+        assert other_site["shift"]["histogram_distance"] > 10 * in_domain
+        assert other_site["gate_alarm"] > 0.5
+    assert "| phantoms-other-site | 100 |" in (root / "README.md").read_text()
     assert "Data and pipelines are up to date" in run_tool("dvc", "status", cwd=root)
     started = time.perf_counter()
     again = run_tool("dvc", "repro", cwd=root)
@@ -128,6 +137,17 @@ def test_registry_promote_and_predict(reproduced):
     [row] = json.loads(output[output.index("[\n") :])
     assert row["label"] is None and row["in_distribution"] is False
     assert "not a chest radiograph" in row["reason"]
+    # a folder of labelled images: every model folder and the champion, at their settings
+    site = root / "site"
+    for image in predictions.groupby("label").head(6).image:
+        (site / image).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / "data/raw" / image, site / image)
+    table = run_tool("pneumo", "evaluate-external", "site", str(site), cwd=root)
+    champion = "models:/pneumo-classifier@champion"
+    assert f"| {champion} | site | 12 |" in table
+    found = json.loads((root / "reports/external/site.json").read_text())["models"]
+    assert list(found) == [f"models/{b}" for b in BACKBONES] + [champion]
+    assert found[champion]["metrics"] == found[f"models/{best}"]["metrics"]
 
 
 def test_the_heatmaps_point_at_the_lesions(reproduced):

@@ -223,6 +223,42 @@ def evaluate(ctx: click.Context, backbone: str) -> None:
     )
 
 
+@main.command("evaluate-external")
+@click.argument("name")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    help="A model folder or models:/<name>@<alias>; repeatable (default: every model folder of "
+    "params.yaml's backbones and the registered champion, if there is one).",
+)
+@click.option("--device", default="cpu", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.pass_context
+@_friendly
+def evaluate_external(
+    ctx: click.Context, name: str, path: Path, models: tuple[str, ...], device: str
+) -> None:
+    """Evaluate models on the labelled images at PATH (a folder or .zip with NORMAL/ and
+    PNEUMONIA/ folders at any depth, or a CSV of path,label) at the settings each chose on
+    validation; writes reports/external/NAME.json and prints a Markdown table. A data set
+    listed in params.yaml's evaluate.external is evaluated by `dvc repro` instead."""
+    from pydantic import ValidationError
+
+    from pneumo.config import ExternalSet
+    from pneumo.stages.evaluate import evaluate_external_models
+
+    params = _params(ctx)
+    try:
+        spec = ExternalSet(name=name, path=str(path))
+    except ValidationError as exc:
+        raise click.BadParameter(exc.errors()[0]["msg"], param_hint="NAME") from None
+    table = evaluate_external_models(
+        params, spec, list(models), device, paths.external_report(name)
+    )
+    click.echo(table)
+
+
 @main.command()
 @click.pass_context
 @_friendly

@@ -85,6 +85,46 @@ class SampleConfig(Section):
     max_images_per_patient: Annotated[Int, Field(ge=1, le=10)] = 3
 
 
+class Acquisition(Section):
+    """How a generated image is acquired, relative to the training sample's (all 1: the same
+    settings): what an external set of phantoms changes to stand for another site."""
+
+    # Detector dose: the image's intensities (0..1) are raised to this power, so above 1
+    # darkens it, as more dose blackens film.
+    exposure: Annotated[Real, Field(ge=0.2, le=5.0)] = 1.0
+    noise: Annotated[Real, Field(ge=0.0, le=20.0)] = 1.0  # times the training images' noise
+    # Above 1 the field is wider (the chest fills less of the image), below 1 a closer crop.
+    field_of_view: Annotated[Real, Field(ge=0.5, le=2.0)] = 1.0
+
+
+class ExternalSample(Section):
+    """A generated external set: phantoms under other acquisition settings."""
+
+    normal: PositiveInt = 40
+    pneumonia: PositiveInt = 60
+    image_size: Annotated[Int, Field(ge=32, le=1024)] = 128
+    # Phantoms are functions of (seed, index): another seed than the training sample's keeps
+    # every external image new.
+    seed: Seed = 2018
+    acquisition: Acquisition = Acquisition()
+
+
+class ExternalSet(Section):
+    """A data set the models are evaluated on after everything is chosen: ``path`` (a folder or
+    .zip with ``NORMAL``/``PNEUMONIA`` folders at any depth, or a CSV of ``path,label``) or
+    ``sample`` (generated)."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    path: Name | None = None
+    sample: ExternalSample | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ExternalSet:
+        if (self.path is None) == (self.sample is None):
+            raise ValueError(f"external set {self.name!r} needs either path or sample, not both")
+        return self
+
+
 class ZipLimits(Section):
     """Bounds on a ``.zip`` source, so a damaged or hostile archive cannot fill disk or memory.
 
@@ -253,6 +293,17 @@ class EvaluateConfig(Section):
     gate: GateConfig = GateConfig()
     bootstrap: BootstrapConfig = BootstrapConfig()
     batch_size: PositiveInt = 64
+    # Data sets every model folder is also evaluated on (pneumo.stages.external); nothing is
+    # chosen on them.
+    external: list[ExternalSet] = []
+
+    @field_validator("external")
+    @classmethod
+    def _distinct_names(cls, sets: list[ExternalSet]) -> list[ExternalSet]:
+        names = [entry.name for entry in sets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"external set names must differ, got {names}")
+        return sets
 
     @field_validator("tta")
     @classmethod

@@ -75,6 +75,7 @@ def render_comparison(result: Comparison) -> str:
     lines += _referral_table(result)
     lines += _subgroup_table(result)
     lines += _gate_table(result)
+    lines += _external_table(result)
     lines += [
         "",
         f"Paired tests, {result.best} against each other model on the same test images:",
@@ -157,6 +158,64 @@ def _referral_table(result: Comparison) -> list[str]:
             + " | ".join(cells)
             + f" | {band['n_referred']} ({band['n_referred_pneumonia']}) |"
         )
+    return lines
+
+
+def external_headline(result: dict) -> dict[str, float]:
+    """The point values a row shows of an external evaluation
+    (:func:`pneumo.core.external.assess`)."""
+    return (
+        {"n": result["n"]}
+        | {m: result["metrics"][m]["value"] for m in ("accuracy", "recall", "roc_auc")}
+        | {"ece": result["calibration"]["ece"]["value"]}
+        | {"coverage": result["referral"]["coverage"]["value"]}
+        | {"gate_alarm": result["gate_alarm"]}
+        | result["shift"]
+    )
+
+
+EXTERNAL_HEADER = (
+    "| model | data | images | accuracy | sensitivity | AUC | ECE | answered | gate alarms "
+    "| histogram shift | feature distance | pixel distance |"
+)
+
+
+def external_rows(model: str, results: dict[str, dict]) -> list[str]:
+    """One table row (:data:`EXTERNAL_HEADER`) per data set a model was evaluated on."""
+    rows = []
+    for name, result in results.items():
+        h = external_headline(result)
+        rows.append(
+            f"| {model} | {name} | {h['n']} | {h['accuracy']:.3f} | {h['recall']:.3f} "
+            f"| {h['roc_auc']:.3f} | {h['ece']:.3f} | {h['coverage']:.1%} "
+            f"| {h['gate_alarm']:.1%} | {h['histogram_distance']:.1f} "
+            f"| {h['features_distance']:.3g} | {h['pixels_distance']:.3g} |"
+        )
+    return rows
+
+
+def _external_table(result: Comparison) -> list[str]:
+    """Each backbone on its own test split and on every external set, at the settings
+    chosen on validation, with how far each set lies from the training images."""
+    found = {name: row for name, row in result.rows.items() if row.get("external")}
+    if not found:
+        return []
+    lines = [
+        "",
+        "External data (`evaluate.external`), every model at the threshold, calibration, "
+        "referral band and gate chosen on validation, beside its own test split: point "
+        "values, every image counted (the gate's alarms too). Shift from the training images: "
+        "histogram 1-Wasserstein distance in grey levels, and the median of the gate's two "
+        "distances in units of their cuts (above 1: flagged):",
+        "",
+        EXTERNAL_HEADER,
+        "|---" * 12 + "|",
+    ]
+    for name in result.ranking:
+        if name in found:
+            row = found[name]
+            lines += external_rows(name, {"test (in-domain)": row["in_domain"]})
+            lines += external_rows(name, row["external"])
     return lines
 
 
@@ -325,9 +384,16 @@ def render_model_card(card: ModelCardDocument) -> str:
         )
         + ".",
         "",
-        "**External data:** "
+        "**External data** (at the settings chosen on validation): "
         + (
-            "; ".join(f"{e['name']}: {e}" for e in card.external)
+            "; ".join(
+                f"{e['name']} ({e['n']} images): accuracy {e['accuracy']:.3f}, sensitivity "
+                f"{e['recall']:.3f}, AUC {e['roc_auc']:.3f}, ECE {e['ece']:.3f}, answered "
+                f"{e['coverage']:.0%}, gate alarms {e['gate_alarm']:.0%}, histogram shift "
+                f"{e['histogram_distance']:.1f} grey levels"
+                for e in card.external
+            )
+            + "."
             if card.external
             else "not evaluated on another data set."
         ),

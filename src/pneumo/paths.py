@@ -64,5 +64,10 @@ def history_csv(backbone: str) -> Path:
     return REPORTS_DIR / "history" / f"{backbone}.csv"
 
 
+def external_report(name: str) -> Path:
+    """`pneumo evaluate-external NAME`: every model's results on one external set."""
+    return REPORTS_DIR / "external" / f"{name}.json"
+
+
 def eval_report_dir(backbone: str) -> Path:
     return REPORTS_DIR / "eval" / backbone

@@ -215,6 +215,8 @@ class Evaluation(Record):
     n_val: int
     data_hash: str
     platforms: list[dict[str, Any]]  # the training's and, if another, the evaluation's
+    # per external set (evaluate.external): metrics at the folder's settings, gate alarms, shift
+    external: dict[str, Any] = {}
 
     @classmethod
     def predictions(cls, folder: Path, split: str) -> Path:

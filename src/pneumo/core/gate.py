@@ -161,11 +161,10 @@ def distances(fitted: dict[str, np.ndarray], inputs: dict[str, np.ndarray]) -> d
     return out
 
 
-def score(fitted: dict[str, np.ndarray], features: np.ndarray, pixels: np.ndarray) -> np.ndarray:
-    """The gate's score, the larger of the two distances in units of their cuts, for network
-    features and (N, size, size) uint8 pixels: above 1, the input gets no label."""
-    found = distances(fitted, {"features": features, "pixels": pixel_features(pixels)})
-    return np.maximum(found["features"], found["pixels"])
+def score(distances: dict[str, np.ndarray]) -> np.ndarray:
+    """The gate's score from :func:`distances`: the larger of the two, in units of their
+    cuts; above 1, the input gets no label."""
+    return np.maximum(*(distances[space] for space in SPACES))
 
 
 def energy(logits: np.ndarray) -> np.ndarray:

@@ -177,9 +177,17 @@ class Classifier:
 
     def assess(self, pixels: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated PNEUMONIA probability (the mean over the TTA views, through the folder's
-        calibration map) and input-gate score for (N, size, size) uint8 pixels; the gate sees
-        the identity view's features, taken from the same forward passes where it is one of
-        the views."""
+        calibration map) and input-gate score (:func:`pneumo.core.gate.score`) for
+        (N, size, size) uint8 pixels."""
+        probability, distances = self.examine(pixels, batch_size)
+        return probability, gate.score(distances)
+
+    def examine(
+        self, pixels: np.ndarray, batch_size: int = 64
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Calibrated PNEUMONIA probability and the gate's distance in each of its spaces (in
+        units of the space's cut); the gate sees the identity view's features, taken from the
+        same forward passes where it is one of the views."""
         views = self.settings.tta_views
         tap = gate.FeatureTap(self.net)
         try:
@@ -196,7 +204,8 @@ class Classifier:
         finally:
             tap.close()
         probability = calibration.apply(self.settings.calibration, per_view.mean(axis=0))
-        return probability, gate.score(self.gate, feats, pixels)
+        found = {"features": feats, "pixels": gate.pixel_features(pixels)}
+        return probability, gate.distances(self.gate, found)
 
     def decide(self, probability: float, gate_score: float, allow_ood: bool = False) -> dict:
         """The answer for one calibrated probability and gate score: none for an input the

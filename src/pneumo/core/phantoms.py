@@ -30,8 +30,8 @@ class Frame:
     y: np.ndarray
 
 
-def _frame(size: int, rng: np.random.Generator) -> Frame:
-    axis = np.linspace(-1.0, 1.0, size, dtype=np.float32)
+def _frame(size: int, rng: np.random.Generator, field_of_view: float = 1.0) -> Frame:
+    axis = np.linspace(-1.0, 1.0, size, dtype=np.float32) * np.float32(field_of_view)
     y, x = np.meshgrid(axis, axis, indexing="ij")
     scale = rng.uniform(0.9, 1.08)
     return Frame(x=(x - rng.uniform(-0.06, 0.06)) / scale, y=(y - rng.uniform(-0.06, 0.06)) / scale)
@@ -123,18 +123,38 @@ def _pneumonia_signs(
 LESION_CONTRAST = 0.05
 
 
-def phantom(seed: int, index: int, size: int, pneumonia: bool) -> np.ndarray:
+@dataclass(frozen=True)
+class Acquisition:
+    """Settings of the imaging, relative to the training sample's (1 each: the same):
+    intensities raised to ``exposure`` (above 1 darker), noise times ``noise``, a field of
+    view ``field_of_view`` times as wide. Other settings stand for another site."""
+
+    exposure: float = 1.0
+    noise: float = 1.0
+    field_of_view: float = 1.0
+
+
+AS_TRAINED = Acquisition()  # the training sample's settings
+
+
+def phantom(
+    seed: int, index: int, size: int, pneumonia: bool, acquisition: Acquisition = AS_TRAINED
+) -> np.ndarray:
     """One radiograph as a uint8 (size, size) array; the same arguments give the same image."""
-    return phantom_with_lesion(seed, index, size, pneumonia)[0]
+    return phantom_with_lesion(seed, index, size, pneumonia, acquisition)[0]
 
 
 def phantom_with_lesion(
-    seed: int, index: int, size: int, pneumonia: bool
+    seed: int,
+    index: int,
+    size: int,
+    pneumonia: bool,
+    acquisition: Acquisition = AS_TRAINED,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The radiograph and a boolean (size, size) mask of where its signs of pneumonia lie
     (all False for NORMAL): the ground truth that a heatmap should point into."""
     rng = np.random.default_rng([seed, index, int(pneumonia)])
-    f = _frame(size, rng)
+    f = _frame(size, rng, acquisition.field_of_view)
     body = _ellipse(f, 0.0, 0.15, rng.uniform(0.8, 0.92), 1.15, 0.08)
     right, left = _lungs(f, rng)
     lungs = np.maximum(right, left)
@@ -154,8 +174,9 @@ def phantom_with_lesion(
 
     gamma = rng.uniform(0.85, 1.15)
     contrast = rng.uniform(0.9, 1.1)
-    image = np.clip(image, 0.0, 1.0) ** gamma * contrast + rng.uniform(-0.05, 0.05)
-    image += rng.normal(0.0, rng.uniform(0.01, 0.035), image.shape)
+    image = np.clip(image, 0.0, 1.0) ** (gamma * acquisition.exposure) * contrast
+    image += rng.uniform(-0.05, 0.05)
+    image += rng.normal(0.0, rng.uniform(0.01, 0.035) * acquisition.noise, image.shape)
     return (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8), signs > LESION_CONTRAST
 
 

@@ -80,6 +80,15 @@ def compare(
             | record.referral["test"],
             "subgroups": record.subgroups,
             "gate": record.gate["scores"],
+            "external": record.external,
+            "in_domain": {
+                "n": record.n_test,
+                "metrics": record.test,
+                "calibration": {"ece": record.calibration["test_after"]["ece"]},
+                "referral": {"coverage": record.referral["test"]["coverage"]},
+                "gate_alarm": record.gate["scores"]["gate"]["test_false_alarm"],
+                "shift": record.gate["test_shift"],
+            },
         }
     p_test = {
         b: t.loc[first_test.index, "probability"].to_numpy() for b, (_, t, _) in loaded.items()

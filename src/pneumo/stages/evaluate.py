@@ -16,13 +16,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from pneumo import paths, platforms
-from pneumo.config import CLASS_NAMES, EvaluateConfig, GateConfig, Params
-from pneumo.core import calibration, gate, phantoms, referral, subgroups
+from pneumo.config import CLASS_NAMES, EvaluateConfig, ExternalSet, GateConfig, Params, ZipLimits
+from pneumo.core import calibration, external, gate, phantoms, referral, subgroups
 from pneumo.core.data import CachedSplit
 from pneumo.core.devices import resolve_device
-from pneumo.core.inference import load_network, tta_probabilities
+from pneumo.core.images import ImageDecodeError
+from pneumo.core.inference import Classifier, load_network, tta_probabilities
 from pneumo.core.metrics import (
     CALIBRATION_BINS,
     binary_metrics,
@@ -31,8 +33,14 @@ from pneumo.core.metrics import (
     metrics_with_ci,
 )
 from pneumo.figures import png_figure
-from pneumo.files import sha256_of, staged_dir, write_text_atomic
-from pneumo.markdown import describe_data, render_model_card
+from pneumo.files import sha256_of, staged_dir, write_json_atomic, write_text_atomic
+from pneumo.markdown import (
+    EXTERNAL_HEADER,
+    describe_data,
+    external_headline,
+    external_rows,
+    render_model_card,
+)
 from pneumo.mlops import tracking
 from pneumo.records import (
     Calibration,
@@ -43,6 +51,7 @@ from pneumo.records import (
     ModelCardDocument,
     Referral,
 )
+from pneumo.stages import fetch
 
 log = logging.getLogger(__name__)
 
@@ -304,12 +313,12 @@ def fit_input_gate(
     cfg: GateConfig,
     batch_size: int,
     device: torch.device,
-) -> tuple[dict[str, np.ndarray], dict, dict[str, np.ndarray]]:
+) -> tuple[dict[str, np.ndarray], dict, dict[str, dict[str, np.ndarray]]]:
     """The input gate fitted on the training split with its cut at ``cfg.percentile`` of the
     validation scores, a report (the cut, false alarms on validation and test, and the
     detection rate on each kind of shifted input, :data:`pneumo.core.phantoms.SHIFTS`, also
-    for each of its two distances alone and for the logit-energy score), and the gate scores
-    of ``splits``."""
+    for each of its two distances alone and for the logit-energy score), and the scores of
+    ``splits`` (the gate's and each distance's)."""
     images = {"train": train.images, **{name: split.images for name, split in splits.items()}}
     test_images = splits["test"].images[:SHIFTED_IMAGES]
     images |= {kind: phantoms.shifted(test_images, kind) for kind in phantoms.SHIFTS}
@@ -325,7 +334,7 @@ def fit_input_gate(
     scores: dict[str, dict[str, np.ndarray]] = {}
     for name, found in inputs.items():
         scores[name] = gate.distances(fitted, found)
-        scores[name]["gate"] = np.maximum(scores[name]["features"], scores[name]["pixels"])
+        scores[name]["gate"] = gate.score(scores[name])
         with torch.inference_mode():
             features = torch.from_numpy(found["features"]).float().to(device)
             logits = head(features).squeeze(1).cpu().numpy()
@@ -345,7 +354,84 @@ def fit_input_gate(
             },
         }
     report["threshold"] = report["scores"]["gate"]["threshold"]
-    return fitted, report, {name: scores[name]["gate"] for name in splits}
+    return fitted, report, {name: scores[name] for name in splits}
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """An external set prepared as a model folder prepares its inputs."""
+
+    pixels: np.ndarray  # (N, size, size) uint8
+    targets: np.ndarray  # 1 = PNEUMONIA
+    unreadable: list[str]
+
+
+def prepare_external(
+    spec: ExternalSet, limits: ZipLimits, classifier: Classifier
+) -> LabelledImages:
+    """The images of ``spec`` as ``classifier`` prepares them; a file that does not decode is
+    named in ``unreadable`` (and counted in the report), not silently dropped."""
+    entries = fetch.external_entries(spec, limits)
+    images, targets, unreadable = [], [], []
+    for entry in tqdm(entries, desc=f"external {spec.name}", unit="img", mininterval=2.0):
+        try:
+            images.append(classifier.prepare(entry.read()))
+        except (ImageDecodeError, OSError):
+            unreadable.append(entry.name)
+            continue
+        targets.append(CLASS_NAMES.index(entry.label))
+    if not images:
+        raise fetch.FetchError(f"external set {spec.name!r}: none of its images decodes")
+    return LabelledImages(np.stack(images), np.asarray(targets), unreadable)
+
+
+def evaluate_external(
+    classifier: Classifier, spec: ExternalSet, limits: ZipLimits, cfg: EvaluateConfig
+) -> dict:
+    """One model folder on one external set (:func:`pneumo.core.external.assess`)."""
+    found = prepare_external(spec, limits, classifier)
+    if found.unreadable:
+        log.warning(
+            "external set %s: %d files do not decode and are left out: %s",
+            spec.name, len(found.unreadable), found.unreadable[:5],
+        )  # fmt: skip
+    result = external.assess(
+        spec.name, classifier, found.pixels, found.targets, resamples=cfg.bootstrap.resamples,
+        seed=cfg.bootstrap.seed, batch_size=cfg.batch_size,
+    )  # fmt: skip
+    if spec.sample is not None:
+        source, generated = f"generated: {spec.sample.model_dump()}", True
+    else:
+        source, generated = str(spec.path), False
+    facts = {"source": source, "generated": generated, "n_unreadable": len(found.unreadable)}
+    return facts | result
+
+
+def evaluate_external_models(
+    params: Params, spec: ExternalSet, models: list[str], device: str, out: Path
+) -> str:
+    """Every model in ``models`` (folders or registry URIs; none: each backbone's model
+    folder and the registered champion, if any) on one external set; writes ``out`` (JSON, by
+    model) and returns the Markdown table."""
+    from pneumo.mlops.predict import PredictError, load_classifier
+
+    chosen = models or [str(paths.model_dir(b)) for b in params.backbones]
+    classifiers = {model: load_classifier(model, device, lambda: params) for model in chosen}
+    if not models:
+        champion = f"models:/{params.registry.model_name}@champion"
+        try:
+            classifiers[champion] = load_classifier(champion, device, lambda: params)
+        except PredictError as exc:
+            log.info("no champion evaluated: %s", exc)
+    found = {
+        model: evaluate_external(classifier, spec, params.data.limits, params.evaluate)
+        for model, classifier in classifiers.items()
+    }
+    write_json_atomic(out, {"name": spec.name, "source": spec.path, "models": found})
+    lines = [EXTERNAL_HEADER, "|---" * 12 + "|"]
+    for model, result in found.items():
+        lines += external_rows(model, {spec.name: result})
+    return "\n".join(lines)
 
 
 def evaluate(
@@ -372,15 +458,26 @@ def evaluate(
     fitted_gate, gate_report, gate_scores = fit_input_gate(
         model, train, splits, cfg.gate, cfg.batch_size, device
     )
+    test_shift = external.shift_summary(fitted_gate, splits["test"].images, gate_scores["test"])
     record = Evaluation(
-        backbone=backbone, **assessed, gate=gate_report, data_hash=card.data_hash,
+        backbone=backbone, **assessed, gate=gate_report | {"test_shift": test_shift},
+        data_hash=card.data_hash,
         platforms=platforms.distinct([card.platform, platforms.describe(device)]),
     )  # fmt: skip
     counts = {"train": train.class_counts(), **{n: s.class_counts() for n, s in splits.items()}}
     # The recipe is the one the checkpoint was trained with, as its card records it.
     trained = Params.model_validate(card.params)
-    document = model_card_document(trained, backbone, record, counts)
-    write_model_folder(checkpoint_dir, model_dir, record, decision, fitted_gate, document)
+    with staged_dir(model_dir) as staging:
+        write_model_files(checkpoint_dir, staging, record, decision, fitted_gate)
+        classifier = Classifier.load(staging, str(device))
+        found = {
+            spec.name: evaluate_external(classifier, spec, params.data.limits, cfg)
+            for spec in cfg.external
+        }
+        record = record.model_copy(update={"external": found})
+        document = model_card_document(trained, backbone, record, counts)
+        document.write(staging)
+        write_text_atomic(staging / document.MARKDOWN, render_model_card(document))
     test_metrics, val_metrics, no_tta = record.test, record.val, record.test_no_tta
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -388,8 +485,8 @@ def evaluate(
         split: predictions_frame(splits[split], cfg.tta, per_view[split], decision)
         .join(groups[split])
         .assign(
-            gate_score=gate_scores[split],
-            in_distribution=gate_scores[split] <= gate_report["threshold"],
+            gate_score=gate_scores[split]["gate"],
+            in_distribution=gate_scores[split]["gate"] <= gate_report["threshold"],
         )
         for split in ("test", "val")
     }
@@ -483,6 +580,11 @@ def known_limits(params: Params, record: Evaluation) -> list[str]:
         f"Calibration, threshold, referral band and gate cuts come from {record.n_val} "
         "validation images: a small split makes them coarse.",
     ]
+    if all(found["generated"] for found in record.external.values()):
+        limits.append(
+            "No data set from another site was evaluated (evaluate.external holds generated "
+            "phantoms at most): how the model does elsewhere is unknown."
+        )
     return limits
 
 
@@ -533,42 +635,41 @@ def model_card_document(
             slicing: {name: row["recall"] for name, row in record.subgroups[slicing].items()}
             for slicing in ("subtype", "size_band")
         },
-        external=[],
+        external=[
+            {"name": name, "source": found["source"]} | external_headline(found)
+            for name, found in record.external.items()
+        ],
         platforms=record.platforms,
         limits=known_limits(params, record),
     )
 
 
-def write_model_folder(
+def write_model_files(
     checkpoint_dir: Path,
-    model_dir: Path,
+    folder: Path,
     evaluation: Evaluation,
     decision: Decision,
     fitted_gate: dict[str, np.ndarray],
-    document: ModelCardDocument,
 ) -> None:
     """The checkpoint's weights and card plus the inference settings and input gate
-    evaluation chose and the model card, in one folder that predicts on its own wherever it
-    is copied."""
+    evaluation chose, in ``folder``: a model folder that predicts on its own wherever it is
+    copied (the model card is added once the external sets are evaluated with it)."""
     weights = ModelCard.weights(checkpoint_dir)
-    with staged_dir(model_dir) as staging:
-        document.write(staging)
-        write_text_atomic(staging / document.MARKDOWN, render_model_card(document))
-        shutil.copyfile(weights, ModelCard.weights(staging))
-        shutil.copyfile(ModelCard.path(checkpoint_dir), ModelCard.path(staging))
-        gate_sha256 = gate.save(fitted_gate, staging)
-        InferenceSettings(
-            tta_views=evaluation.tta_views,
-            calibration=decision.calibration,
-            threshold=decision.threshold,
-            threshold_rule=evaluation.threshold_rule,
-            referral=decision.band,
-            gate=InputGate(
-                method=evaluation.gate["method"],
-                components=evaluation.gate["components"],
-                percentile=evaluation.gate["percentile"],
-                threshold=evaluation.gate["threshold"],
-                sha256=gate_sha256,
-            ),
-            weights_sha256=sha256_of(weights),
-        ).write(staging)
+    shutil.copyfile(weights, ModelCard.weights(folder))
+    shutil.copyfile(ModelCard.path(checkpoint_dir), ModelCard.path(folder))
+    gate_sha256 = gate.save(fitted_gate, folder)
+    InferenceSettings(
+        tta_views=evaluation.tta_views,
+        calibration=decision.calibration,
+        threshold=decision.threshold,
+        threshold_rule=evaluation.threshold_rule,
+        referral=decision.band,
+        gate=InputGate(
+            method=evaluation.gate["method"],
+            components=evaluation.gate["components"],
+            percentile=evaluation.gate["percentile"],
+            threshold=evaluation.gate["threshold"],
+            sha256=gate_sha256,
+        ),
+        weights_sha256=sha256_of(weights),
+    ).write(folder)

@@ -37,9 +37,17 @@ from PIL import Image
 from tqdm import tqdm
 
 from pneumo import paths
-from pneumo.config import CLASS_NAMES, DataConfig, SampleConfig, ZipLimits
+from pneumo.config import (
+    CLASS_NAMES,
+    DataConfig,
+    ExternalSample,
+    ExternalSet,
+    SampleConfig,
+    SplitCounts,
+    ZipLimits,
+)
 from pneumo.core.images import IMAGE_SUFFIXES, dicom_header, is_dicom
-from pneumo.core.phantoms import phantom, phantom_with_lesion
+from pneumo.core.phantoms import AS_TRAINED, Acquisition, phantom, phantom_with_lesion
 from pneumo.errors import UserError
 from pneumo.files import staged_dir
 from pneumo.paths import SPLITS
@@ -102,7 +110,9 @@ def fetch(config: DataConfig, out_dir: Path, seed: int) -> pd.DataFrame:
 # --- sources ------------------------------------------------------------------------------
 
 
-def sample_entries(config: SampleConfig, seed: int) -> Iterator[Entry]:
+def sample_entries(
+    config: SampleConfig, seed: int, acquisition: Acquisition = AS_TRAINED
+) -> Iterator[Entry]:
     """Generated images with Kaggle-style names; some patients have several images."""
     rng = np.random.default_rng(seed)
     counters = Counter[str]()
@@ -122,7 +132,8 @@ def sample_entries(config: SampleConfig, seed: int) -> Iterator[Entry]:
                     else:
                         counters["pneumonia_image"] += 1
                         name = f"person{patient}_{kind}_{counters['pneumonia_image']}.jpeg"
-                    yield Entry(split, label, name, _encoder(seed, index, config.image_size, label))
+                    encode = _encoder(seed, index, config.image_size, label, acquisition)
+                    yield Entry(split, label, name, encode)
                     index += 1
                 made += images
 
@@ -142,14 +153,52 @@ def sample_lesion_masks(config: SampleConfig, seed: int, split: str) -> dict[str
     }
 
 
-def _encoder(seed: int, index: int, size: int, label: str) -> Callable[[], bytes]:
+def _encoder(
+    seed: int, index: int, size: int, label: str, acquisition: Acquisition
+) -> Callable[[], bytes]:
     def encode() -> bytes:
-        pixels = phantom(seed, index, size, pneumonia=label == "PNEUMONIA")
+        pixels = phantom(seed, index, size, label == "PNEUMONIA", acquisition)
         buffer = io.BytesIO()
         Image.fromarray(pixels, mode="L").save(buffer, format="JPEG", quality=92)
         return buffer.getvalue()
 
     return encode
+
+
+def _image_parts(files: list[str]) -> Iterator[tuple[str, tuple[str, ...]]]:
+    """Image files and their path parts, without macOS debris."""
+    for rel in files:
+        parts = PurePosixPath(rel).parts
+        if "__MACOSX" in parts or parts[-1] in IGNORED_NAMES or parts[-1].startswith("._"):
+            continue
+        if PurePosixPath(rel).suffix.lower() in IMAGE_SUFFIXES:
+            yield rel, parts
+
+
+def _kaggle_layout(files: list[str]) -> list[tuple[str, str, str]]:
+    """Pick ``<root>/{split}/{CLASS}/<image>`` files; with nested copies keep the shallowest."""
+    by_root: dict[tuple[str, ...], list[tuple[str, str, str]]] = {}
+    for rel, parts in _image_parts(files):
+        if len(parts) < 3:
+            continue
+        split, label = parts[-3].lower(), parts[-2].upper()
+        if split in SPLITS and label in CLASS_NAMES:
+            by_root.setdefault(parts[:-3], []).append((rel, split, label))
+    if not by_root:
+        top = sorted({PurePosixPath(f).parts[0] for f in files})[:20]
+        raise FetchError(
+            "no images in the Kaggle layout chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/; "
+            f"found {len(files)} files, top-level entries: {top}"
+        )
+    root = min(by_root, key=len)
+    skipped = sum(len(v) for k, v in by_root.items() if k != root)
+    if skipped:
+        log.info("using %s/, ignoring %d files in nested copies", "/".join(root), skipped)
+    found = {(split, label) for _, split, label in by_root[root]}
+    missing = [f"{s}/{c}" for s in ("train", "test") for c in CLASS_NAMES if (s, c) not in found]
+    if missing:
+        raise FetchError(f"the Kaggle layout under {'/'.join(root) or '.'} lacks {missing}")
+    return sorted(by_root[root])
 
 
 def local_entries(path: Path, limits: ZipLimits) -> list[Entry]:
@@ -166,7 +215,10 @@ def local_entries(path: Path, limits: ZipLimits) -> list[Entry]:
     raise FetchError(f"data.local_path {str(path)!r} is neither a folder nor a .zip archive")
 
 
-def folder_entries(root: Path) -> list[Entry]:
+Layout = Callable[[list[str]], list[tuple[str, str, str]]]
+
+
+def folder_entries(root: Path, layout: Layout = _kaggle_layout) -> list[Entry]:
     found = sorted(root.rglob("*"))
     links = [p.relative_to(root).as_posix() for p in found if p.is_symlink()]
     if links:
@@ -177,11 +229,11 @@ def folder_entries(root: Path) -> list[Entry]:
     files = {p.relative_to(root).as_posix(): p for p in found if p.is_file()}
     return [
         Entry(split, label, PurePosixPath(rel).name, files[rel].read_bytes)
-        for rel, split, label in _kaggle_layout(list(files))
+        for rel, split, label in layout(list(files))
     ]
 
 
-def zip_entries(archive: Path, limits: ZipLimits) -> list[Entry]:
+def zip_entries(archive: Path, limits: ZipLimits, layout: Layout = _kaggle_layout) -> list[Entry]:
     try:
         # The handle stays open for the readers below; it closes when the last one is dropped.
         zf = zipfile.ZipFile(archive)
@@ -203,7 +255,7 @@ def zip_entries(archive: Path, limits: ZipLimits) -> list[Entry]:
     budget = ReadBudget(limits)
     return [
         Entry(split, label, PurePosixPath(rel).name, partial(budget.read, archive, zf, infos[rel]))
-        for rel, split, label in _kaggle_layout(list(infos))
+        for rel, split, label in layout(list(infos))
     ]
 
 
@@ -276,33 +328,80 @@ def _escapes(name: str) -> bool:
     return path.is_absolute() or ".." in path.parts or re.match(r"^[A-Za-z]:", name) is not None
 
 
-def _kaggle_layout(files: list[str]) -> list[tuple[str, str, str]]:
-    """Pick ``<root>/{split}/{CLASS}/<image>`` files; with nested copies keep the shallowest."""
+# --- external sets: labelled images from anywhere, all of them unseen --------------------
+
+EXTERNAL_SPLIT = "external"
+
+
+def _labelled_layout(files: list[str]) -> list[tuple[str, str, str]]:
+    """Pick ``<root>/[<split>/]{NORMAL,PNEUMONIA}/<image>`` files, every split pooled; with
+    nested copies keep the shallowest root."""
     by_root: dict[tuple[str, ...], list[tuple[str, str, str]]] = {}
-    for rel in files:
-        parts = PurePosixPath(rel).parts
-        if "__MACOSX" in parts or parts[-1] in IGNORED_NAMES or parts[-1].startswith("._"):
+    for rel, parts in _image_parts(files):
+        if len(parts) < 2 or parts[-2].upper() not in CLASS_NAMES:
             continue
-        if len(parts) < 3 or PurePosixPath(rel).suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        split, label = parts[-3].lower(), parts[-2].upper()
-        if split in SPLITS and label in CLASS_NAMES:
-            by_root.setdefault(parts[:-3], []).append((rel, split, label))
+        root = parts[:-3] if len(parts) > 2 and parts[-3].lower() in SPLITS else parts[:-2]
+        by_root.setdefault(root, []).append((rel, EXTERNAL_SPLIT, parts[-2].upper()))
     if not by_root:
         top = sorted({PurePosixPath(f).parts[0] for f in files})[:20]
         raise FetchError(
-            "no images in the Kaggle layout chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/; "
-            f"found {len(files)} files, top-level entries: {top}"
+            "no images in NORMAL/ or PNEUMONIA/ folders (at any depth, e.g. "
+            f"chest_xray/test/NORMAL/); found {len(files)} files, top-level entries: {top}"
         )
-    root = min(by_root, key=len)
-    skipped = sum(len(v) for k, v in by_root.items() if k != root)
-    if skipped:
-        log.info("using %s/, ignoring %d files in nested copies", "/".join(root), skipped)
-    found = {(split, label) for _, split, label in by_root[root]}
-    missing = [f"{s}/{c}" for s in ("train", "test") for c in CLASS_NAMES if (s, c) not in found]
+    return sorted(by_root[min(by_root, key=len)])
+
+
+def labelled_csv_entries(table: Path) -> list[Entry]:
+    """The images a CSV of ``path,label`` names (paths relative to the CSV's folder, labels
+    NORMAL/PNEUMONIA or 0/1), every one checked before any is read."""
+    try:
+        frame = pd.read_csv(table, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise FetchError(f"{table} is not a readable CSV: {exc}") from None
+    if not {"path", "label"} <= set(frame.columns):
+        raise FetchError(f"{table} needs the columns path,label; it has {list(frame.columns)}")
+    labels = frame["label"].str.strip().str.upper().replace({"0": "NORMAL", "1": "PNEUMONIA"})
+    unknown = sorted(set(labels) - set(CLASS_NAMES))
+    if unknown:
+        raise FetchError(f"{table}: labels must be NORMAL/PNEUMONIA or 0/1, found {unknown[:5]}")
+    files = [table.parent / rel for rel in frame["path"]]
+    missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise FetchError(f"the Kaggle layout under {'/'.join(root) or '.'} lacks {missing}")
-    return sorted(by_root[root])
+        raise FetchError(f"{table} names {len(missing)} files that do not exist: {missing[:5]}")
+    return [
+        Entry(EXTERNAL_SPLIT, label, file.name, file.read_bytes)
+        for file, label in zip(files, labels, strict=True)
+    ]
+
+
+def external_entries(spec: ExternalSet, limits: ZipLimits) -> list[Entry]:
+    """The labelled images of an external set: generated, a CSV, a folder or a .zip."""
+    if spec.sample is not None:
+        return sample_external_entries(spec.sample)
+    path = Path(spec.path or "")
+    if not path.exists():
+        raise FetchError(f"external set {spec.name!r}: {str(path)!r} does not exist")
+    if path.suffix.lower() == ".csv":
+        return labelled_csv_entries(path)
+    if path.is_dir():
+        return folder_entries(path, _labelled_layout)
+    if zipfile.is_zipfile(path):
+        return zip_entries(path, limits, _labelled_layout)
+    raise FetchError(
+        f"external set {spec.name!r}: {str(path)!r} is neither a folder, a .zip nor a .csv"
+    )
+
+
+def sample_external_entries(config: ExternalSample) -> list[Entry]:
+    """Phantoms under ``config.acquisition``, named as the Kaggle files are."""
+    counts = SplitCounts(normal=config.normal, pneumonia=config.pneumonia)
+    sample = SampleConfig(train=counts, val=counts, test=counts, image_size=config.image_size)
+    acquisition = Acquisition(**config.acquisition.model_dump())
+    return [
+        Entry(EXTERNAL_SPLIT, e.label, e.name, e.read)
+        for e in sample_entries(sample, config.seed, acquisition)
+        if e.split == "test"
+    ]
 
 
 def kaggle_credentials_present() -> bool:
