@@ -33,8 +33,8 @@ from pneumo.core.explain import (
 )
 from pneumo.core.images import fit_square
 from pneumo.core.inference import load_network
+from pneumo.core.sources import sample_lesion_masks
 from pneumo.records import Comparison
-from pneumo.stages.fetch import sample_lesion_masks
 
 
 def lesion_hits(params_file: Path) -> dict:

@@ -234,7 +234,7 @@ def test_sample_lesion_masks_belong_to_the_images_written_under_those_names():
     from pneumo.config import SampleConfig, SplitCounts
     from pneumo.core.images import decode_grayscale
     from pneumo.core.phantoms import phantom_with_lesion
-    from pneumo.stages.fetch import sample_entries, sample_lesion_masks
+    from pneumo.core.sources import sample_entries, sample_lesion_masks
 
     config = SampleConfig(
         train=SplitCounts(normal=2, pneumonia=2), val=SplitCounts(normal=1, pneumonia=1),

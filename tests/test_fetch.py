@@ -1,4 +1,5 @@
-"""Stage `fetch`: sources, layouts, archives and their failures."""
+"""Stage `fetch` and the sources it reads (pneumo.core.sources): layouts, archives, external
+sets and their failures."""
 
 from __future__ import annotations
 
@@ -10,15 +11,15 @@ import pandas as pd
 import pytest
 
 from pneumo.config import DataConfig, ExternalSet, ZipLimits
-from pneumo.stages.fetch import (
+from pneumo.core.sources import (
     EXTERNAL_SPLIT,
     MB,
     FetchError,
     ReadBudget,
     external_entries,
-    fetch,
     patient_id,
 )
+from pneumo.stages.fetch import fetch
 from tests.conftest import jpeg_bytes, kaggle_files, run_cli, write_tree
 
 

@@ -16,7 +16,7 @@ def _spaces(rng: np.random.Generator, n: int, shift: float = 0.0) -> dict[str, n
     """Features in 40 dimensions that vary along 3 directions, and pixel features."""
     loadings = np.random.default_rng(99).normal(size=(3, 40))
     features = rng.normal(size=(n, 3)) @ loadings + 0.05 * rng.normal(size=(n, 40)) + shift
-    return {"features": features, "pixels": 0.1 * rng.normal(size=(n, 96)) + shift}
+    return {"features": features, "pixels": 0.1 * rng.normal(size=(n, 104)) + shift}
 
 
 def test_the_cuts_flag_about_the_chosen_share_of_validation_and_every_far_input():
@@ -42,13 +42,26 @@ def test_a_direction_training_never_varied_along_counts():
     assert (gate.distances(fitted, off)["features"] > 1).all()
 
 
-def test_pixel_features_are_a_histogram_and_a_thumbnail_in_any_chunking():
+def test_pixel_features_are_histograms_and_a_thumbnail_in_any_chunking():
     images = np.random.default_rng(2).integers(0, 256, (5, 48, 48), dtype=np.uint8)
     found = gate.pixel_features(images, chunk=2)
-    assert found.shape == (5, gate.PIXEL_BINS + gate.THUMBNAIL**2)
+    thumbnail_end = gate.PIXEL_BINS + gate.THUMBNAIL**2
+    assert found.shape == (5, thumbnail_end + len(gate.STEP_EDGES) - 1)
     assert np.allclose(found[:, : gate.PIXEL_BINS].sum(axis=1), 1.0)
-    assert np.allclose(found[:, gate.PIXEL_BINS :].mean(axis=1), images.mean(axis=(1, 2)) / 255)
+    thumbnail = found[:, gate.PIXEL_BINS : thumbnail_end]
+    assert np.allclose(thumbnail.mean(axis=1), images.mean(axis=(1, 2)) / 255)
+    assert np.allclose(found[:, thumbnail_end:].sum(axis=1), 1.0)
     np.testing.assert_array_equal(found, gate.pixel_features(images, chunk=256))
+
+
+def test_steps_between_neighbours_tell_noise_from_a_smooth_image():
+    """Uniform noise steps by 85 grey levels on average, a phantom radiograph (with its own
+    acquisition noise) mostly by less than 16."""
+    noise = np.random.default_rng(5).integers(0, 256, (1, 64, 64), dtype=np.uint8)
+    smooth = phantoms.phantom(0, 0, 64, pneumonia=False)[None]
+    noisy, calm = (gate.pixel_features(x)[0, -8:] for x in (noise, smooth))
+    assert noisy[-3:].sum() > 0.7  # 32 grey levels or more
+    assert calm[-3:].sum() < 0.15 and calm[:4].sum() > 0.7
 
 
 def test_the_gate_file_is_the_same_bytes_for_the_same_arrays(tmp_path):

@@ -9,7 +9,7 @@ from sklearn.metrics import roc_auc_score
 from pneumo.config import SampleConfig, SplitCounts
 from pneumo.core.images import prepare_image
 from pneumo.core.phantoms import AS_TRAINED, Acquisition, phantom
-from pneumo.stages.fetch import patient_id, sample_entries
+from pneumo.core.sources import patient_id, sample_entries
 
 SMALL = SampleConfig(
     train=SplitCounts(normal=60, pneumonia=60),

@@ -9,8 +9,10 @@ fewer images than dimensions and stored in ``components x dimensions`` numbers):
 
 - in the network's own **features** (the pooled vector entering the head), which see content:
   noise, an inverted or overexposed image;
-- in **pixels**: the intensity histogram and an 8 x 8 thumbnail, which see what global pooling
-  averages away: a flat gradient, a texture, a rotated radiograph, an exposure far off.
+- in **pixels**: the intensity histogram, an 8 x 8 thumbnail and the histogram of steps
+  between neighbouring pixels, which see what global pooling averages away: a flat gradient,
+  a texture, a rotated radiograph, an exposure far off, noise (a network at 64 px from
+  scratch maps uniform noise among the radiographs' features; radiographs are smooth).
 
 Each distance has its own cut on the validation split, at the percentile that leaves half of
 ``100 - percentile`` above it, and an image beyond either cut is flagged: about 1% of
@@ -87,11 +89,30 @@ def features(
 
 PIXEL_BINS = 32
 THUMBNAIL = 8
+# Edges (grey levels) of the histogram of differences between neighbouring pixels: radiographs
+# are smooth at any size the models see, noise is not.
+STEP_EDGES = np.array([0, 2, 4, 8, 16, 32, 64, 128, 256])
+
+
+def _step_histogram(batch: np.ndarray) -> np.ndarray:
+    """(N, size, size) uint8 → (N, 8): the share of neighbour differences per bin."""
+    pixels = batch.astype(np.int16)
+    steps = np.concatenate(
+        [
+            np.abs(np.diff(pixels, axis=1)).reshape(len(batch), -1),
+            np.abs(np.diff(pixels, axis=2)).reshape(len(batch), -1),
+        ],
+        axis=1,
+    )
+    which = np.searchsorted(STEP_EDGES, steps, side="right") - 1
+    counts = np.stack([np.bincount(row, minlength=len(STEP_EDGES) - 1) for row in which])
+    return counts / steps.shape[1]
 
 
 def pixel_features(images: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """(N, size, size) uint8 → (N, 32 + 64): the intensity histogram (fractions) and an
-    8 x 8 area-averaged thumbnail in 0..1, ``chunk`` images in memory at a time."""
+    """(N, size, size) uint8 → (N, 32 + 64 + 8): the intensity histogram (fractions), an
+    8 x 8 area-averaged thumbnail in 0..1 and the histogram of steps between neighbouring
+    pixels (fractions), ``chunk`` images in memory at a time."""
     out = []
     for start in range(0, len(images), chunk):
         batch = np.asarray(images[start : start + chunk])
@@ -101,7 +122,13 @@ def pixel_features(images: np.ndarray, chunk: int = 256) -> np.ndarray:
             torch.from_numpy(batch.astype(np.float32))[:, None], THUMBNAIL
         )
         out.append(
-            np.hstack([histogram / bins.shape[1], thumbnail.flatten(1).double().numpy() / 255])
+            np.hstack(
+                [
+                    histogram / bins.shape[1],
+                    thumbnail.flatten(1).double().numpy() / 255,
+                    _step_histogram(batch),
+                ]
+            )
         )
     return np.vstack(out)
 

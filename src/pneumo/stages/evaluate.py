@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pneumo import paths, platforms
 from pneumo.config import CLASS_NAMES, EvaluateConfig, ExternalSet, GateConfig, Params, ZipLimits
-from pneumo.core import calibration, external, gate, phantoms, referral, subgroups
+from pneumo.core import calibration, external, gate, phantoms, referral, sources, subgroups
 from pneumo.core.data import CachedSplit
 from pneumo.core.devices import resolve_device
 from pneumo.core.images import ImageDecodeError
@@ -51,7 +51,6 @@ from pneumo.records import (
     ModelCardDocument,
     Referral,
 )
-from pneumo.stages import fetch
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +370,7 @@ def prepare_external(
 ) -> LabelledImages:
     """The images of ``spec`` as ``classifier`` prepares them; a file that does not decode is
     named in ``unreadable`` (and counted in the report), not silently dropped."""
-    entries = fetch.external_entries(spec, limits)
+    entries = sources.external_entries(spec, limits)
     images, targets, unreadable = [], [], []
     for entry in tqdm(entries, desc=f"external {spec.name}", unit="img", mininterval=2.0):
         try:
@@ -381,7 +380,7 @@ def prepare_external(
             continue
         targets.append(CLASS_NAMES.index(entry.label))
     if not images:
-        raise fetch.FetchError(f"external set {spec.name!r}: none of its images decodes")
+        raise sources.FetchError(f"external set {spec.name!r}: none of its images decodes")
     return LabelledImages(np.stack(images), np.asarray(targets), unreadable)
 
 
