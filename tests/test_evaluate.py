@@ -193,9 +193,17 @@ def test_external_sets_are_evaluated_at_the_folders_settings_and_change_nothing_
     assert alone["metrics"]["accuracy"]["value"] == pytest.approx(accuracy)
 
 
-def test_evaluate_external_without_class_folders_is_a_clear_error(project_copy):
-    write_tree(project_copy / "photos", {"holiday/cat.jpeg": jpeg_bytes(1)})
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"holiday/cat.jpeg": jpeg_bytes(1)}, "no images in NORMAL/ or PNEUMONIA/ folders"),
+        ({"NORMAL/a.jpeg": jpeg_bytes(1)}, "external set 'photos' needs both classes"),
+        ({"NORMAL/a.jpeg": b"x", "PNEUMONIA/b.png": b"y"}, "none of its images decodes"),
+    ],
+)
+def test_an_unusable_external_set_is_a_clear_error(project_copy, files, message):
+    write_tree(project_copy / "photos", files)
     result = run_cli("evaluate-external", "photos", "photos", "--model", "models/resnet50")
     assert result.exit_code == 1
-    assert "no images in NORMAL/ or PNEUMONIA/ folders" in result.output
+    assert message in result.output
     assert not (project_copy / "reports/external").exists()
