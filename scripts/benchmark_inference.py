@@ -1,15 +1,23 @@
-"""Inference latency: cold `pneumo predict`, warm per-image latency, and the served model.
+"""Inference latency per runtime (ONNX Runtime, torch): cold `pneumo predict`, warm per-image
+latency, and the served model.
 
-    python scripts/benchmark_inference.py --model-dir models/resnet50 \
-        --serve models:/pneumo-classifier@champion --requests 100 > latency.json
+    python scripts/benchmark_inference.py --model-dir models/resnet50 [--image-size 224] \
+        [--serve] --requests 100 > latency.json
 
-- cold: `pneumo predict --model MODEL_DIR IMAGE` in a new process, wall time, ``--cold`` runs;
-- warm: one image through a loaded :class:`pneumo.core.inference.Classifier`, ``--warm`` runs;
-- served (with ``--serve``): `mlflow models serve -m URI --env-manager local` on a free port,
-  one warm-up request, then ``--requests`` POSTs of one base64 image, each timed by the client.
+- ``import torch`` alone in a new process, the yardstick for cold starts, ``--cold`` runs;
+- cold: `pneumo predict --model MODEL_DIR --runtime R IMAGE` in a new process, wall time and
+  peak RSS (the child's own ``ru_maxrss``), ``--cold`` runs per runtime;
+- warm: one image through a loaded classifier of each runtime, ``--warm`` runs;
+- served (with ``--serve``): the folder saved as the registered pyfunc model is (same code,
+  same shipped modules), once per runtime (``model_config.runtime``), run by
+  `mlflow models serve --env-manager local` on a free port; one warm-up request, then
+  ``--requests`` POSTs of one base64 image, each timed by the client.
 
-The image is the first test image of the model's evaluation (reports/eval/<backbone>), so run it
-from the repository root after `dvc repro` (and `pneumo promote` for ``--serve``).
+``--image-size`` copies the folder with its card set to that size and exports the copy's ONNX
+graph again: a network's cost depends on the image size, not on what its weights learned, so
+the sample's 48 px ResNet50 times what a 224 px one costs. The image is the first test image of
+the model's evaluation (reports/eval/<backbone>): run it from the repository root after
+`dvc repro`.
 """
 
 from __future__ import annotations
@@ -19,9 +27,12 @@ import base64
 import json
 import os
 import platform
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -41,20 +52,62 @@ def summary(seconds: list[float]) -> dict[str, float]:
     }
 
 
-def cold(model_dir: Path, image: Path, runs: int) -> dict[str, float]:
-    command = [sys.executable, "-m", "pneumo", "predict", "--model", str(model_dir), str(image)]
-    times = []
+# Run in the measured process: its own peak RSS (VmHWM) at exit. A child's ru_maxrss would
+# count the benchmark's own memory, which the fork copied before the exec.
+PEAK = (
+    "import atexit, re, sys\n"
+    "from pathlib import Path\n"
+    "def peak():\n"
+    "    hwm = re.search(r'VmHWM:\\s+(\\d+)', Path('/proc/self/status').read_text())[1]\n"
+    "    print('VmHWM', hwm, file=sys.stderr)\n"
+    "atexit.register(peak)\n"
+    "sys.argv = sys.argv[1:]\n"
+    "if sys.argv[0] == 'import':\n"
+    "    __import__(sys.argv[1])\n"
+    "else:\n"
+    "    from pneumo.cli import main\n"
+    "    main(sys.argv)\n"
+)
+
+
+def timed_process(args: list[str], runs: int) -> dict[str, float]:
+    """Wall time and peak RSS (MiB) of a new Python process running ``args`` (``import
+    MODULE``, or pneumo's command line), ``runs`` times."""
+    times, peaks = [], []
     for _ in range(runs):
         started = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True)
+        done = subprocess.run(
+            [sys.executable, "-c", PEAK, *args], stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
         times.append(time.perf_counter() - started)
-    return summary(times)
+        if done.returncode != 0:
+            raise SystemExit(f"{args} failed: {done.stderr[-2000:]}")
+        peaks.append(int(re.search(r"VmHWM (\d+)", done.stderr)[1]) / 1024)
+    return summary(times) | {"peak_rss_mib_median": float(np.median(peaks))}
 
 
-def warm(model_dir: Path, image: Path, runs: int) -> dict[str, float]:
-    from pneumo.core.inference import Classifier
+def cold(model_dir: Path, image: Path, runs: int, runtime: str) -> dict[str, float]:
+    command = ["predict", "--model", str(model_dir), "--runtime", runtime, str(image)]
+    return timed_process(command, runs)
 
-    classifier = Classifier.load(model_dir)
+
+def at_size(model_dir: Path, size: int, dest: Path) -> Path:
+    """A copy of the model folder whose card says ``size``, with its ONNX graph re-exported."""
+    from pneumo.core.export import export_folder, parity_images
+
+    copy = dest / model_dir.name
+    shutil.copytree(model_dir, copy)
+    card = json.loads((copy / "meta.json").read_text())
+    (copy / "meta.json").write_text(json.dumps(card | {"image_size": size}, indent=2))
+    export_folder(copy, parity_images(size, count=8), ["onnx"])
+    return copy
+
+
+def warm(model_dir: Path, image: Path, runs: int, runtime: str) -> dict[str, float]:
+    from pneumo.core.runtime import load_classifier
+
+    classifier = load_classifier(model_dir, runtime)
     data = image.read_bytes()
     times = []
     for _ in range(runs + 1):  # the first call warms up allocators and is not counted
@@ -62,6 +115,33 @@ def warm(model_dir: Path, image: Path, runs: int) -> dict[str, float]:
         classifier.assess(classifier.prepare(data)[None])
         times.append(time.perf_counter() - started)
     return summary(times[1:])
+
+
+def pyfunc_model(model_dir: Path, runtime: str, dest: Path) -> Path:
+    """The folder saved as `pneumo register` logs it, with ``runtime`` in its model config."""
+    import mlflow
+
+    import pneumo
+    from pneumo.core.runtime import verified_settings
+    from pneumo.mlops.registry import SIGNATURE, requirements, shipped_code
+
+    settings = verified_settings(model_dir)
+    path = dest / f"pyfunc-{runtime}"
+    mlflow.pyfunc.save_model(
+        path,
+        python_model=str(Path(pneumo.__file__).parent / "mlops/serving.py"),
+        artifacts={"model": str(model_dir)},
+        code_paths=[str(shipped_code(dest / f"code-{runtime}"))],
+        model_config={
+            "weights_sha256": settings.weights_sha256,
+            "onnx_sha256": settings.exports["onnx"].sha256,
+            "inference_device": "cpu",
+            "runtime": runtime,
+        },
+        signature=SIGNATURE,
+        pip_requirements=requirements(),
+    )
+    return path
 
 
 def served(uri: str, image: Path, requests: int) -> dict[str, float]:
@@ -107,26 +187,37 @@ def served(uri: str, image: Path, requests: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-dir", type=Path, required=True)
-    parser.add_argument("--serve", help="a models:/ URI to serve and time over HTTP")
+    parser.add_argument("--image-size", type=int, help="time the network at this size")
+    parser.add_argument("--serve", action="store_true", help="also time the served model")
+    parser.add_argument("--runtimes", nargs="+", default=["onnx", "torch"])
     parser.add_argument("--cold", type=int, default=5)
     parser.add_argument("--warm", type=int, default=50)
     parser.add_argument("--requests", type=int, default=100)
     args = parser.parse_args()
 
     card = json.loads((args.model_dir / "meta.json").read_text())
-    backbone, size = card["backbone"], card["image_size"]
+    backbone = card["backbone"]
     first = pd.read_csv(f"reports/eval/{backbone}/predictions.csv", nrows=1).image[0]
     image = Path("data/raw") / first
-    result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "backbone": backbone,
-        "image_size": size,
-        "image": str(image),
-        "cold_predict": cold(args.model_dir, image, args.cold),
-        "warm_per_image": warm(args.model_dir, image, args.warm),
-    }
-    if args.serve:
-        result["served"] = served(args.serve, image, args.requests) | {"uri": args.serve}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model_dir
+        if args.image_size:
+            model_dir = at_size(model_dir, args.image_size, Path(tmp))
+        result = {
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "backbone": backbone,
+            "image_size": args.image_size or card["image_size"],
+            "image": str(image),
+            "import_torch": timed_process(["import", "torch"], args.cold),
+        }
+        for runtime in args.runtimes:
+            result[runtime] = {
+                "cold_predict": cold(model_dir, image, args.cold, runtime),
+                "warm_per_image": warm(model_dir, image, args.warm, runtime),
+            }
+            if args.serve:
+                uri = str(pyfunc_model(model_dir, runtime, Path(tmp)))
+                result[runtime]["served"] = served(uri, image, args.requests)
     print(json.dumps(result, indent=2))
 
 

@@ -71,7 +71,7 @@ def test_evaluate_outputs(tiny_project):
     assert list(found["size_band"]) == ["all sizes"]
     # the input gate: fitted on train, cut on validation, measured on test and shifted inputs
     settings = InferenceSettings.read(tiny_project / "models/resnet50")
-    assert settings.gate.sha256 == sha256_of(tiny_project / "models/resnet50/gate.pt")
+    assert settings.gate.sha256 == sha256_of(tiny_project / "models/resnet50/gate.npz")
     assert settings.gate.threshold == metrics["gate"]["threshold"] == 1.0
     scores = metrics["gate"]["scores"]
     assert set(scores) == {"gate", "features", "pixels", "logit-energy"}

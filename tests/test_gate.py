@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pneumo.core import gate, phantoms
+from pneumo.core import gate, graph, phantoms
 from pneumo.core.models import build_model
 from pneumo.files import sha256_of
 
@@ -64,12 +64,19 @@ def test_steps_between_neighbours_tell_noise_from_a_smooth_image():
     assert calm[-3:].sum() < 0.15 and calm[:4].sum() > 0.7
 
 
+def test_the_thumbnail_is_adaptive_average_pooling():
+    images = np.random.default_rng(6).integers(0, 256, (3, 44, 44), dtype=np.uint8)  # 44 % 8 != 0
+    pooled = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(images).double()[:, None], 8)
+    thumbnail = gate.pixel_features(images)[:, gate.PIXEL_BINS : gate.PIXEL_BINS + 64]
+    np.testing.assert_allclose(thumbnail, pooled.flatten(1).numpy() / 255, atol=1e-12)
+
+
 def test_the_gate_file_is_the_same_bytes_for_the_same_arrays(tmp_path):
     rng = np.random.default_rng(3)
     fitted = gate.fit(_spaces(rng, 20), _spaces(rng, 20), components=2, percentile=99)
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     digests = [gate.save(fitted, tmp_path / name) for name in ("a", "b")]
-    assert digests[0] == digests[1] == sha256_of(tmp_path / "a/gate.pt")
+    assert digests[0] == digests[1] == sha256_of(tmp_path / "a/gate.npz")
     loaded = gate.load(tmp_path / "a")
     assert loaded.keys() == fitted.keys()
     for name, value in fitted.items():
@@ -80,10 +87,10 @@ def test_the_gate_file_is_the_same_bytes_for_the_same_arrays(tmp_path):
 def test_the_tap_sees_the_vector_the_head_classifies(backbone):
     net = build_model(backbone, pretrained=False).eval()
     images = np.random.default_rng(4).integers(0, 256, (3, 32, 32), dtype=np.uint8)
-    features = gate.features(net, images, batch_size=2)
+    features = graph.features(net, images, batch_size=2)
     with torch.inference_mode():
         logits = net(torch.from_numpy(images)[:, None])
-        from_features = gate.head_input(net)(torch.from_numpy(features).float()).squeeze(1)
+        from_features = graph.head_input(net)(torch.from_numpy(features).float()).squeeze(1)
     assert features.shape[0] == 3
     torch.testing.assert_close(from_features, logits, rtol=1e-4, atol=1e-4)
 

@@ -1,4 +1,5 @@
-"""pneumo.core.inference: TTA views, model folders (integrity, copies, devices) and streaming."""
+"""pneumo.core.graph's TTA views, pneumo.core.inference/runtime: model folders (integrity,
+copies, devices) and streaming."""
 
 from __future__ import annotations
 
@@ -15,13 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-from pneumo.core.inference import (
-    Classifier,
-    IntegrityError,
-    ModelFolderError,
-    tta_probabilities,
-    tta_view,
-)
+from pneumo.core.export import PARITY_TOLERANCE
+from pneumo.core.graph import TTAViews, tta_probabilities
+from pneumo.core.inference import TorchClassifier as Classifier
+from pneumo.core.runtime import IntegrityError, ModelFolderError
 from pneumo.mlops.predict import COLUMNS
 from pneumo.records import InferenceSettings, InputGate, Referral
 from tests.conftest import answers, expected_answers, jpeg_bytes, run_cli, tool_env, write_tree
@@ -32,38 +30,61 @@ def _symmetric_image() -> torch.Tensor:
     return torch.cat([half, half.flip(-1)], dim=-1)
 
 
+def _view(spec: str, image: torch.Tensor) -> torch.Tensor:
+    return TTAViews([spec], image.shape[-1])(image.float())[0]
+
+
 def test_hflip_of_a_symmetric_image_is_the_image():
     image = _symmetric_image()
-    assert torch.equal(tta_view("hflip")(image), image)
+    assert torch.equal(_view("hflip", image), image.float())
     asymmetric = torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4)
-    assert torch.equal(tta_view("hflip")(asymmetric), asymmetric.flip(-1))
+    assert torch.equal(_view("hflip", asymmetric), asymmetric.flip(-1).float())
 
 
 def test_identity_zero_rotation_and_unit_scale_change_nothing():
     image = torch.randint(0, 256, (2, 1, 12, 12), dtype=torch.uint8)
     for spec in ("identity", "rotate:0", "scale:1.0"):
-        assert torch.equal(tta_view(spec)(image), image), spec
+        torch.testing.assert_close(_view(spec, image), image.float(), atol=1e-4, rtol=0)
 
 
-def test_rotation_by_ninety_degrees_is_exact():
+def test_rotation_by_ninety_degrees_is_counter_clockwise_and_exact():
     image = torch.arange(25, dtype=torch.uint8).view(1, 1, 5, 5)
-    assert torch.equal(tta_view("rotate:90")(image), torch.rot90(image, 1, dims=(-2, -1)))
+    expected = torch.rot90(image, 1, dims=(-2, -1)).float()
+    torch.testing.assert_close(_view("rotate:90", image), expected, atol=1e-4, rtol=0)
+
+
+def test_rotation_matches_torchvisions_in_float():
+    """The grid is torchvision's rotation (same direction, centre and interpolation)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    image = torch.randint(0, 256, (2, 1, 24, 24)).float()
+    for degrees in (-15.0, 10.0):
+        theirs = F.rotate(image, degrees, interpolation=InterpolationMode.BILINEAR)
+        torch.testing.assert_close(_view(f"rotate:{degrees}", image), theirs, atol=1e-2, rtol=0)
 
 
 def test_scale_zooms_about_the_centre():
     image = torch.zeros(1, 1, 9, 9, dtype=torch.uint8)
     image[..., 4, 4] = 255
-    zoomed = tta_view("scale:2.0")(image)
+    zoomed = _view("scale:2.0", image)
     assert zoomed[..., 4, 4].item() == 255 and zoomed.sum() > image.sum()
 
 
 class MeanBrightness(nn.Module):
-    """Logit = mean of the left half minus mean of the right half (flip-sensitive)."""
+    """Logit = mean of the left half minus mean of the right half (flip-sensitive); the
+    difference is also the "feature" its one-unit head passes on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Module()
+        self.backbone.fc = nn.Identity()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.float() / 255
         half = x.shape[-1] // 2
-        return (x[..., :half].mean((1, 2, 3)) - x[..., half:].mean((1, 2, 3))) * 4
+        difference = x[..., :half].mean((1, 2, 3)) - x[..., half:].mean((1, 2, 3))
+        return self.backbone.fc(difference[:, None] * 4).squeeze(1)
 
 
 def test_tta_probabilities_average_views_per_image():
@@ -93,16 +114,25 @@ def _pneumo(*args: str, cwd) -> subprocess.CompletedProcess:
     )
 
 
-def test_a_copied_model_folder_predicts_exactly_what_evaluate_did(tiny_project, tmp_path):
-    """Copied out of the repository, run from a folder without params.yaml, in a new process."""
+@pytest.mark.parametrize(
+    ("runtime", "tolerance"),
+    [("torch", 1e-6), ("onnx", PARITY_TOLERANCE)],  # auto picks onnx: the folder has the graph
+)
+def test_a_copied_model_folder_predicts_what_evaluate_did(
+    tiny_project, tmp_path, runtime, tolerance
+):
+    """Copied out of the repository, run from a folder without params.yaml, in a new process:
+    torch gives evaluate's numbers, ONNX Runtime the same within the export's tolerance, and
+    both the same answers."""
     copy = tmp_path / "x"
     shutil.copytree(tiny_project / "models/resnet50", copy)
     expected = _test_images(tiny_project, 12)
-    result = _pneumo("predict", "--model", str(copy), *expected.file, cwd=tmp_path)
+    args = ["predict", "--model", str(copy), "--runtime", runtime, *expected.file]
+    result = _pneumo(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     predicted = pd.read_csv(StringIO(result.stdout))
     assert list(predicted.file) == list(expected.file)
-    np.testing.assert_allclose(predicted.probability, expected.probability, atol=1e-6)
+    np.testing.assert_allclose(predicted.probability, expected.probability, atol=tolerance)
     assert answers(predicted.label) == expected_answers(expected)
 
 
@@ -126,7 +156,7 @@ def test_a_gate_file_changed_after_evaluation_is_refused(tiny_project, tmp_path)
     data = bytearray(gate_file.read_bytes())
     data[-100] ^= 0xFF
     gate_file.write_bytes(bytes(data))
-    with pytest.raises(IntegrityError, match="gate.pt has SHA-256 .* but inference.json"):
+    with pytest.raises(IntegrityError, match="gate.npz has SHA-256 .* but inference.json"):
         Classifier.load(copy)
 
 
@@ -159,7 +189,7 @@ def test_inputs_unlike_the_training_images_get_no_label_unless_allowed(tiny_proj
 
 def test_weights_other_than_the_registered_ones_are_refused(tiny_project):
     with pytest.raises(IntegrityError, match="the registration recorded 0000000000000000"):
-        Classifier.load(tiny_project / "models/resnet50", expected_sha256="0" * 64)
+        Classifier.load(tiny_project / "models/resnet50", expected={"weights": "0" * 64})
 
 
 def test_a_checkpoint_without_inference_settings_is_not_a_model_folder(tiny_project):

@@ -1,6 +1,13 @@
-"""`pneumo predict` refuses unusable models and inputs with one line, before loading anything."""
+"""`pneumo predict`: unusable models and inputs refused with one line before loading anything;
+folders of any size streamed out, in decoding threads, and resumed after a kill."""
 
 from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
 
 from tests.conftest import jpeg_bytes, run_cli, write_tree
 
@@ -18,3 +25,109 @@ def test_predict_on_a_folder_without_images_fails(in_tmp):
     result = run_cli("predict", str(folder), "--model", "models/resnet50", params={})
     assert result.exit_code == 1
     assert result.output.startswith(f"Error: {folder} holds no image files (looked for .bmp")
+
+
+# --- batches of files: streaming out, resuming a killed run ------------------------------------
+
+
+def _scans(project, count: int) -> list[str]:
+    import pandas as pd
+
+    images = pd.read_csv(project / "reports/eval/resnet50/predictions.csv").image[:count]
+    return [str(project / "data/raw" / image) for image in images]
+
+
+def _predict(*args: str):
+    return run_cli("predict", "--model", MODEL, "--batch-size", "8", *args)
+
+
+MODEL = "models/resnet50"
+
+
+def test_decoding_threads_give_the_rows_one_thread_gives(project_copy):
+    files = _scans(project_copy, 30) + ["missing.jpeg"]
+    (project_copy / "missing.jpeg").write_bytes(b"not an image")
+    alone = _predict("--workers", "1", *files)
+    threaded = _predict("--workers", "3", *files)
+    assert alone.exit_code == threaded.exit_code == 1  # the unreadable file
+    assert threaded.stdout == alone.stdout
+    assert alone.stdout.count("\n") == 32  # header and one row per file, in order
+
+
+def test_a_killed_csv_run_continues_without_repeating_finished_rows(project_copy):
+    import pandas as pd
+
+    files = _scans(project_copy, 30)
+    whole = _predict("--out", "whole.csv", *files)
+    assert whole.exit_code == 0, whole.output
+    expected = (project_copy / "whole.csv").read_text()
+    # As a kill leaves it: 11 rows written, the 12th cut halfway.
+    lines = expected.splitlines(keepends=True)
+    (project_copy / "run.csv").write_text("".join(lines[:12]) + lines[12][:20])
+    resumed = _predict("--out", "run.csv", "--skip-done", *files)
+    assert resumed.exit_code == 0, resumed.output
+    assert "11 files already in run.csv: 19 to go" in resumed.stderr
+    assert "wrote 19 rows to run.csv" in resumed.stderr
+    assert (project_copy / "run.csv").read_text() == expected
+    assert pd.read_csv(project_copy / "run.csv").file.is_unique
+
+
+def test_parquet_output_is_a_data_set_that_resumes_by_part(project_copy, monkeypatch):
+    import pandas as pd
+
+    from pneumo.mlops.predict import PredictionFile
+
+    monkeypatch.setattr(PredictionFile, "PART_ROWS", 8)
+    files = _scans(project_copy, 20)
+    assert _predict("--out", "rows.csv", *files).exit_code == 0
+    assert _predict("--out", "rows.parquet", *files).exit_code == 0
+    parts = sorted((project_copy / "rows.parquet").glob("part-*.parquet"))
+    assert [p.name for p in parts] == [f"part-0000{i}.parquet" for i in range(3)]
+    table = pd.read_parquet(project_copy / "rows.parquet")
+    expected = pd.read_csv(project_copy / "rows.csv")
+    pd.testing.assert_frame_equal(
+        table[expected.columns].reset_index(drop=True), expected, check_dtype=False
+    )
+    parts[-1].unlink()  # killed while filling the third part: its rows were never renamed in
+    resumed = _predict("--out", "rows.parquet", "--skip-done", *files)
+    assert "16 files already in rows.parquet: 4 to go" in resumed.stderr
+    again = pd.read_parquet(project_copy / "rows.parquet")
+    assert sorted(again.file) == sorted(expected.file)
+
+
+def test_skip_done_needs_an_out_file_and_out_needs_a_known_format(project_copy):
+    files = _scans(project_copy, 1)
+    result = _predict("--skip-done", *files)
+    assert result.exit_code == 1 and "pass --out too" in result.output
+    result = _predict("--out", "rows.txt", *files)
+    assert result.exit_code == 1 and "name a .csv file or a .parquet folder" in result.output
+    (project_copy / "other.csv").write_text("a,b\n1,2\n")
+    result = _predict("--out", "other.csv", "--skip-done", *files)
+    assert result.exit_code == 1 and "is not this command's output" in result.output
+
+
+def _predict_peak_mib(project, folder, count: int) -> float:
+    """Peak RSS of `pneumo predict` over ``count`` generated images (written to --out)."""
+    from scripts.benchmark_scale import PEAK, radiograph_like
+
+    folder.mkdir()
+    for i in range(count):
+        (folder / f"{i:05d}.jpeg").write_bytes(radiograph_like(i, size=64))
+    out = folder.with_suffix(".csv")
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK, "predict", "--model", str(project / MODEL),
+         "--out", str(out), str(folder)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert out.read_text().count("\n") == count + 1
+    return int(re.search(r"VmHWM (\d+)", done.stdout)[1]) / 1024
+
+
+@pytest.mark.slow
+def test_predict_memory_does_not_grow_with_the_number_of_images(tiny_project, tmp_path):
+    small = _predict_peak_mib(tiny_project, tmp_path / "small", 1000)
+    large = _predict_peak_mib(tiny_project, tmp_path / "large", 6000)
+    # Rows go to the file as they come and two batches of pixels are in memory: 5,000 more
+    # files add their paths (about 1 MB), where keeping their rows or pixels would add tens.
+    assert large - small < 15, (small, large)

@@ -23,7 +23,8 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from pneumo.core.inference import SHIPPED_MODULES, IntegrityError
+from pneumo.core.inference import SHIPPED_MODULES
+from pneumo.core.runtime import IntegrityError
 from pneumo.files import sha256_of
 from tests.conftest import (
     BATCH_TOLERANCE,

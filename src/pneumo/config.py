@@ -296,6 +296,17 @@ class EvaluateConfig(Section):
     # Data sets every model folder is also evaluated on (pneumo.stages.external); nothing is
     # chosen on them.
     external: list[ExternalSet] = []
+    # Graphs written into every model folder (pneumo.core.export), each checked against torch
+    # on the test split: onnx (for `pneumo predict --runtime onnx`, no torch), torchscript
+    # (its archive differs from run to run, so the folder does too: not by default).
+    export: list[Literal["onnx", "torchscript"]] = ["onnx"]
+
+    @field_validator("export")
+    @classmethod
+    def _each_format_once(cls, formats: list[str]) -> list[str]:
+        if len(set(formats)) != len(formats):
+            raise ValueError(f"a format is listed twice: {formats}")
+        return formats
 
     @field_validator("external")
     @classmethod

@@ -120,13 +120,35 @@ class InputGate(BaseModel):
     ``percentile`` of the validation images' scores) gets no label."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    FILE: ClassVar[str] = "gate.pt"
+    FILE: ClassVar[str] = "gate.npz"
 
     method: str
     components: int
     percentile: float
     threshold: float
     sha256: str
+
+
+class Exported(BaseModel):
+    """One exported graph of the model folder (pneumo.core.export), beside the weights and
+    hash-checked like them. Both formats compute the same function: ``pixels``, a uint8 array
+    (N, 1, size, size) prepared as the model card says (8-bit grayscale, padded or cropped to
+    a square, bilinear resize to ``image_size``), in; ``probabilities`` (views, N), each TTA
+    view's raw PNEUMONIA probability, and ``features`` (N, D), the identity view's pooled
+    features for the input gate, out (float32). The answer is then the mean over the views,
+    through the calibration map, against the threshold and referral band of these settings,
+    with the gate's distances from ``gate.npz``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    ONNX: ClassVar[str] = "model.onnx"
+    TORCHSCRIPT: ClassVar[str] = "model.torchscript.pt"
+    INPUT: ClassVar[str] = "pixels"
+    OUTPUTS: ClassVar[tuple[str, str]] = ("probabilities", "features")
+
+    file: str
+    sha256: str
+    # ONNX operator set (onnx) or the torch version that traced it (torchscript)
+    version: str
 
 
 class InferenceSettings(Record):
@@ -145,6 +167,8 @@ class InferenceSettings(Record):
     referral: Referral
     gate: InputGate
     weights_sha256: str
+    # {"onnx": …, "torchscript": …}; empty in folders made before pneumo exported graphs
+    exports: dict[Literal["onnx", "torchscript"], Exported] = {}
 
 
 class ModelCardDocument(Record):
@@ -217,6 +241,9 @@ class Evaluation(Record):
     platforms: list[dict[str, Any]]  # the training's and, if another, the evaluation's
     # per external set (evaluate.external): metrics at the folder's settings, gate alarms, shift
     external: dict[str, Any] = {}
+    # per exported format (evaluate.export): its file and the largest |probability difference|
+    # from the torch module over the test split's views
+    exports: dict[str, Any] = {}
 
     @classmethod
     def predictions(cls, folder: Path, split: str) -> Path:

@@ -2,7 +2,7 @@
 validation, and how far the data lies from the training images.
 
 Nothing is refitted: the threshold, calibration map, referral band and gate cut are the
-folder's (:class:`pneumo.core.inference.Classifier`), exactly as ``predict`` applies them, so
+folder's (:class:`pneumo.core.runtime.Classifier`), exactly as ``predict`` applies them, so
 the numbers say what a user of the folder gets on that data. Every image counts in the
 metrics, the ones the gate flags too (their share is reported beside them): leaving them out
 would make a shifted set look better the more of it the gate refuses.
@@ -20,8 +20,8 @@ import numpy as np
 from scipy.stats import wasserstein_distance
 
 from pneumo.core import gate, referral
-from pneumo.core.inference import Classifier
 from pneumo.core.metrics import calibration_with_ci, metrics_with_ci, require_both_classes
+from pneumo.core.runtime import Classifier
 
 # Grey level at the centre of each of the gate's histogram bins.
 BIN_CENTRES = (np.arange(gate.PIXEL_BINS) + 0.5) * 256 / gate.PIXEL_BINS

@@ -23,68 +23,26 @@ of them): each distance alone, and a logit-energy score (``-log(1 + e^|z|)``, th
 form of Liu et al. 2020), which sees only how confident the head is, while a confident answer
 on a photograph is exactly what the gate must catch.
 
-Applying the gate needs the network's features and numpy: the registered model ships this
-module.
+Applying the gate needs numpy only (the network's features come from
+:mod:`pneumo.core.graph`, or from an exported graph): the registered model and the torch-free
+runtime (:mod:`pneumo.core.runtime`) use this module as it is.
 """
 
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from pneumo.files import sha256_of
+from pneumo.files import sha256_of, write_bytes_atomic
 from pneumo.records import InputGate
 
 METHOD = "ppca-mahalanobis: network features and pixels"
 # Variances below this are treated as this: a direction the training images never vary along
 # would otherwise give an infinite distance to any image that does.
 MIN_VARIANCE = 1e-6
-
-
-def head_input(model: torch.nn.Module) -> torch.nn.Module:
-    """The classification head whose input is the pooled feature vector."""
-    backbone = model.backbone
-    for name in ("fc", "classifier", "_fc"):  # torchvision ResNet, DenseNet; efficientnet-pytorch
-        if hasattr(backbone, name):
-            return getattr(backbone, name)
-    raise TypeError(f"no known head on {type(backbone).__name__}")
-
-
-class FeatureTap:
-    """Records the pooled features entering the head on every forward pass."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.captured: list[torch.Tensor] = []
-        self._handle = head_input(model).register_forward_pre_hook(self._keep)
-
-    def _keep(self, _module, inputs) -> None:
-        self.captured.append(inputs[0].detach().flatten(1).float().cpu())
-
-    def take(self) -> np.ndarray:
-        features = torch.cat(self.captured).numpy().astype(np.float64)
-        self.captured.clear()
-        return features
-
-    def close(self) -> None:
-        self._handle.remove()
-
-
-@torch.inference_mode()
-def features(
-    model: torch.nn.Module, images: np.ndarray, *, batch_size: int = 64, device="cpu"
-) -> np.ndarray:
-    """Pooled features (N, D) of (N, size, size) uint8 pixels, the identity view."""
-    model.eval()
-    tap = FeatureTap(model)
-    try:
-        for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.array(images[start : start + batch_size]))[:, None]
-            model(batch.to(device))
-        return tap.take()
-    finally:
-        tap.close()
 
 
 PIXEL_BINS = 32
@@ -109,6 +67,17 @@ def _step_histogram(batch: np.ndarray) -> np.ndarray:
     return counts / steps.shape[1]
 
 
+def _thumbnail(batch: np.ndarray) -> np.ndarray:
+    """(N, size, size) uint8 → (N, 8 x 8) in 0..1: the mean of each cell, cells bounded as
+    adaptive average pooling bounds them (``floor(i·size/8)`` to ``ceil((i+1)·size/8)``)."""
+    size = batch.shape[-1]
+    cells = [(i * size // THUMBNAIL, -(-(i + 1) * size // THUMBNAIL)) for i in range(THUMBNAIL)]
+    pixels = batch.astype(np.float64)
+    rows = np.stack([pixels[:, a:b].mean(axis=1) for a, b in cells], axis=1)
+    grid = np.stack([rows[:, :, a:b].mean(axis=2) for a, b in cells], axis=2)
+    return grid.reshape(len(batch), -1) / 255
+
+
 def pixel_features(images: np.ndarray, chunk: int = 256) -> np.ndarray:
     """(N, size, size) uint8 → (N, 32 + 64 + 8): the intensity histogram (fractions), an
     8 x 8 area-averaged thumbnail in 0..1 and the histogram of steps between neighbouring
@@ -118,17 +87,8 @@ def pixel_features(images: np.ndarray, chunk: int = 256) -> np.ndarray:
         batch = np.asarray(images[start : start + chunk])
         bins = (batch.reshape(len(batch), -1).astype(np.int32) * PIXEL_BINS) // 256
         histogram = np.stack([np.bincount(row, minlength=PIXEL_BINS) for row in bins])
-        thumbnail = torch.nn.functional.adaptive_avg_pool2d(
-            torch.from_numpy(batch.astype(np.float32))[:, None], THUMBNAIL
-        )
         out.append(
-            np.hstack(
-                [
-                    histogram / bins.shape[1],
-                    thumbnail.flatten(1).double().numpy() / 255,
-                    _step_histogram(batch),
-                ]
-            )
+            np.hstack([histogram / bins.shape[1], _thumbnail(batch), _step_histogram(batch)])
         )
     return np.vstack(out)
 
@@ -200,14 +160,22 @@ def energy(logits: np.ndarray) -> np.ndarray:
 
 
 def save(fitted: dict[str, np.ndarray], folder: Path) -> str:
-    """Write the fitted arrays as the model folder's gate file (tensors, as the weights are:
-    the same bytes for the same arrays); returns its SHA-256."""
+    """Write the fitted arrays as the model folder's gate file, an ``.npz`` any numpy reads
+    (no pickle), with fixed entry dates so the same arrays give the same bytes; returns its
+    SHA-256."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for name in sorted(fitted):
+            array = io.BytesIO()
+            np.lib.format.write_array(array, np.asarray(fitted[name]), allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)),
+                             array.getvalue())  # fmt: skip
     path = folder / InputGate.FILE
-    torch.save({name: torch.from_numpy(np.asarray(value)) for name, value in fitted.items()}, path)
+    write_bytes_atomic(path, buffer.getvalue())
     return sha256_of(path)
 
 
 def load(folder: Path) -> dict[str, np.ndarray]:
-    """The fitted arrays of a model folder's gate, read with ``weights_only=True``."""
-    tensors = torch.load(folder / InputGate.FILE, map_location="cpu", weights_only=True)
-    return {name: tensor.numpy() for name, tensor in tensors.items()}
+    """The fitted arrays of a model folder's gate (read without pickle)."""
+    with np.load(folder / InputGate.FILE, allow_pickle=False) as arrays:
+        return {name: arrays[name] for name in arrays.files}

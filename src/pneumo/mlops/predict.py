@@ -1,23 +1,28 @@
 """`pneumo predict`: PNEUMONIA probability and label for image files and folders.
 
-A model folder is loaded by :mod:`pneumo.core.inference` alone, without MLflow, so one image
-from a new process answers quickly. A ``models:/<name>@<alias>`` URI loads the registered MLflow
-model (:mod:`pneumo.mlops.serving`), which wraps the same
-:class:`~pneumo.core.inference.Classifier`. Files are read, predicted and written a batch at a
+A model folder is loaded by :mod:`pneumo.core.runtime` alone, without MLflow, and with
+``--runtime onnx`` (or ``auto`` where the folder has its ONNX graph) without torch, so one
+image from a new process answers quickly. A ``models:/<name>@<alias>`` URI loads the
+registered MLflow model (:mod:`pneumo.mlops.serving`), which wraps the same
+:class:`~pneumo.core.runtime.Classifier`. Files are read, predicted and written a batch at a
 time, so a folder of any size runs in bounded memory.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
+import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from pneumo.core.images import IMAGE_SUFFIXES
-from pneumo.core.inference import Classifier
+from pneumo.core.runtime import Classifier
+from pneumo.core.runtime import load_classifier as load_folder
 from pneumo.errors import UserError
 
 if TYPE_CHECKING:
@@ -51,14 +56,21 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
     return files
 
 
-def load_classifier(model: str | None, device: str, params: Callable[[], Params]) -> Classifier:
-    """A model folder, or a registry URI (default ``models:/<registry.model_name>@champion``).
+def load_classifier(
+    model: str | None,
+    device: str,
+    params: Callable[[], Params],
+    runtime: str = "auto",
+    quick_start: bool = False,
+) -> Classifier:
+    """A model folder, or a registry URI (default ``models:/<registry.model_name>@champion``),
+    answered by ``runtime`` (:func:`pneumo.core.runtime.load_classifier`).
 
     ``params`` is called only for the registry, which needs the tracking settings: a model
     folder predicts anywhere, without params.yaml.
     """
     if model and not model.startswith("models:/"):
-        return Classifier.load(Path(model), device)
+        return load_folder(Path(model), runtime, device, quick_start=quick_start)
     import mlflow
 
     from pneumo.mlops import tracking
@@ -67,7 +79,9 @@ def load_classifier(model: str | None, device: str, params: Callable[[], Params]
     tracking.configure(settings.tracking)
     uri = model or f"models:/{settings.registry.model_name}@champion"
     try:
-        loaded = mlflow.pyfunc.load_model(uri, model_config={"inference_device": device})
+        loaded = mlflow.pyfunc.load_model(
+            uri, model_config={"inference_device": device, "runtime": runtime}
+        )
     except mlflow.exceptions.MlflowException as exc:
         raise PredictError(
             f"cannot load {uri} from {mlflow.get_tracking_uri()}: {exc.message}. "
@@ -81,17 +95,20 @@ def predict_files(
     files: list[Path],
     explain_dir: Path | None = None,
     allow_ood: bool = False,
+    batch_size: int = 32,
+    workers: int = 1,
 ) -> Iterator[dict]:
-    """Rows in file order with a progress bar on stderr; with ``explain_dir``, a Grad-CAM
-    PNG per predicted image (named in the row's ``explanation``); ``allow_ood`` labels the
-    inputs the gate flags, too."""
+    """Rows in file order with a progress bar (images per second) on stderr; with
+    ``explain_dir``, a Grad-CAM PNG per predicted image (named in the row's
+    ``explanation``); ``allow_ood`` labels the inputs the gate flags, too; ``workers``
+    threads decode the next ``batch_size`` images while the network runs."""
     from tqdm import tqdm
 
     explanations = Explanations(classifier, explain_dir) if explain_dir else None
     with tqdm(
         total=len(files), unit="img", file=sys.stderr, disable=len(files) < PROGRESS_FROM
     ) as progress:
-        for row in classifier.predict_files(files, allow_ood=allow_ood):
+        for row in classifier.predict_files(files, batch_size, allow_ood, workers):
             if explanations is not None and "error" not in row:
                 row["explanation"] = str(explanations.write(Path(row["file"]), row))
             progress.update()
@@ -105,6 +122,8 @@ class Explanations:
     def __init__(self, classifier: Classifier, out_dir: Path) -> None:
         from pneumo.core import explain
 
+        if classifier.runtime != "torch":
+            raise PredictError("Grad-CAM (--explain) needs the network in torch: --runtime torch")
         self.explain = explain
         self.classifier = classifier
         self.out_dir = out_dir
@@ -128,6 +147,109 @@ class Explanations:
         return self.explain.explanation_png(
             pixels, cam, row["probability"], label, self.out_dir / name
         )
+
+
+class PredictionFile:
+    """``--out``: a CSV file, or a Parquet data set (a folder of ``part-NNNNN.parquet`` files
+    that pandas and pyarrow read as one table), written as the rows come so a killed run
+    keeps what it finished; ``resume`` continues it (:meth:`done` names the files to skip).
+
+    A CSV row is written whole and flushed; a half-written last line is cut on resume. A
+    Parquet part is renamed into place once complete, so a killed run loses at most the rows
+    of the part it was filling.
+    """
+
+    PART_ROWS = 5000
+
+    def __init__(self, path: Path, columns: list[str], resume: bool) -> None:
+        self.path, self.columns, self.resume = path, columns, resume
+        self.parquet = path.suffix == ".parquet"
+        if not self.parquet and path.suffix != ".csv":
+            raise PredictError(f"--out {path}: name a .csv file or a .parquet folder")
+        if self.parquet:
+            self._pyarrow()
+        if not resume and path.exists():
+            if self.parquet:
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+    def _pyarrow(self):
+        try:
+            import pyarrow
+            import pyarrow.parquet
+        except ModuleNotFoundError:
+            raise PredictError(
+                f"--out {self.path}: Parquet needs pyarrow (pip install pyarrow), or write .csv"
+            ) from None
+        return pyarrow
+
+    def _parts(self) -> list[Path]:
+        return sorted(self.path.glob("part-*.parquet"))
+
+    def done(self) -> set[str]:
+        """The files an earlier run already answered (empty unless resuming)."""
+        if not (self.resume and self.path.exists()):
+            return set()
+        if self.parquet:
+            pa = self._pyarrow()
+            return {
+                file for part in self._parts()
+                for file in pa.parquet.read_table(part, columns=["file"])["file"].to_pylist()
+            }  # fmt: skip
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):  # killed mid-row
+            data = data[: data.rfind(b"\n") + 1]
+            self.path.write_bytes(data)
+        reader = csv.DictReader(io.StringIO(data.decode()))
+        if data and reader.fieldnames != self.columns:
+            raise PredictError(
+                f"{self.path} has columns {reader.fieldnames}, not {self.columns}: it is not "
+                "this command's output; choose another --out or drop --skip-done"
+            )
+        return {row["file"] for row in reader}
+
+    def write(self, rows: Iterable[dict]) -> tuple[int, bool]:
+        """Write ``rows``; the number written and whether any has an error."""
+        if self.parquet:
+            return self._write_parquet(rows)
+        written, failed = 0, False
+        fresh = not self.path.exists() or self.path.stat().st_size == 0
+        with self.path.open("a", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=self.columns, lineterminator="\n")
+            if fresh:
+                writer.writeheader()
+            for row in rows:
+                writer.writerow(row)
+                stream.flush()
+                written, failed = written + 1, failed or "error" in row
+        return written, failed
+
+    def _write_parquet(self, rows: Iterable[dict]) -> tuple[int, bool]:
+        pa = self._pyarrow()
+        text, number = pa.string(), pa.float64()
+        types = {"probability": number, "gate_score": number, "in_distribution": pa.bool_()}
+        schema = pa.schema([(name, types.get(name, text)) for name in self.columns])
+        self.path.mkdir(parents=True, exist_ok=True)
+        index, pending, written, failed = len(self._parts()), [], 0, False
+
+        def flush() -> None:
+            nonlocal index
+            part = self.path / f"part-{index:05d}.parquet"
+            partial = part.with_name(f".{part.name}.tmp")
+            pa.parquet.write_table(pa.Table.from_pylist(pending, schema=schema), partial)
+            os.replace(partial, part)
+            index += 1
+            pending.clear()
+
+        for row in rows:
+            pending.append({name: row.get(name) for name in self.columns})
+            written, failed = written + 1, failed or "error" in row
+            if len(pending) == self.PART_ROWS:
+                flush()
+        if pending:
+            flush()
+        return written, failed
 
 
 def write_rows(rows: Iterable[dict], output: str, stream: TextIO, columns: list[str]) -> bool:

@@ -65,7 +65,7 @@ REQUIREMENTS = (
     "torch", "torchvision", "efficientnet-pytorch", "mlflow", "numpy", "pandas", "pillow",
     "pydantic",
 )  # fmt: skip
-OPTIONAL_REQUIREMENTS = ("pydicom",)
+OPTIONAL_REQUIREMENTS = ("pydicom", "onnxruntime")
 
 
 def requirements() -> list[str]:
@@ -135,7 +135,9 @@ def register(params: Params, backbone: str, model_dir: Path, eval_dir: Path, raw
     evaluation = Evaluation.read(eval_dir)
     val = pd.read_csv(Evaluation.predictions(eval_dir, "val"))
     # refuses a folder whose weights changed, without building the network
-    weights_sha256 = verified_settings(model_dir).weights_sha256
+    settings = verified_settings(model_dir)
+    weights_sha256 = settings.weights_sha256
+    onnx = settings.exports.get("onnx")
     select = params.compare.metric
     tags = {
         "backbone": backbone,
@@ -143,6 +145,7 @@ def register(params: Params, backbone: str, model_dir: Path, eval_dir: Path, raw
         "dvc_experiment": tracking.experiment_name(),
         "data_hash": evaluation.data_hash,
         "weights_sha256": weights_sha256,
+        **({"onnx_sha256": onnx.sha256} if onnx else {}),
         KEY_TAG: registration_key(model_dir),
         "threshold": f"{evaluation.threshold:.6f}",
         "refer_band": f"[{evaluation.referral['low']:.6f}, {evaluation.referral['high']:.6f})",
@@ -184,7 +187,13 @@ def register(params: Params, backbone: str, model_dir: Path, eval_dir: Path, raw
                 python_model=str(Path(pneumo.__file__).parent / "mlops/serving.py"),
                 artifacts={MODEL_ARTIFACT: str(model_dir)},
                 code_paths=[str(shipped_code(Path(tmp)))],
-                model_config={"weights_sha256": weights_sha256, "inference_device": "auto"},
+                # The served model checks both files against these (pneumo.mlops.serving).
+                model_config={
+                    "weights_sha256": weights_sha256,
+                    "onnx_sha256": onnx.sha256 if onnx else None,
+                    "inference_device": "auto",
+                    "runtime": "auto",
+                },
                 signature=SIGNATURE,
                 input_example=input_example(eval_dir, raw_dir),
                 pip_requirements=requirements(),

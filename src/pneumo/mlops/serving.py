@@ -4,7 +4,9 @@ MLflow runs this file when it loads the model: it defines the model class and ha
 instance to :func:`mlflow.models.set_model`. What loading executes is therefore this file, the
 pneumo modules shipped beside it (``pneumo.core.inference.SHIPPED_MODULES``) and the libraries in
 the model's requirements; the weights are a state dict read with ``weights_only=True`` after
-their SHA-256 is checked against the one recorded at registration (``model_config``).
+their SHA-256 (and the ONNX graph's) is checked against the one recorded at registration
+(``model_config``). ``model_config={"runtime": "onnx" | "torch" | "auto"}`` picks what runs the
+network (auto: ONNX Runtime when the folder has the graph and onnxruntime is installed).
 
 Input: a DataFrame with an ``image`` column of base64-encoded image files (PNG, JPEG, …, or
 DICOM with pydicom installed). Output: ``probability`` (of PNEUMONIA, averaged over the TTA
@@ -25,7 +27,8 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from pneumo.core.inference import MODEL_ARTIFACT, Classifier
+from pneumo.core.inference import MODEL_ARTIFACT
+from pneumo.core.runtime import load_classifier
 
 OUTPUT_COLUMNS = ["probability", "label", "in_distribution", "gate_score", "reason"]
 
@@ -33,10 +36,11 @@ OUTPUT_COLUMNS = ["probability", "label", "in_distribution", "gate_score", "reas
 class PneumoniaModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         config = context.model_config
-        self.classifier = Classifier.load(
+        self.classifier = load_classifier(
             Path(context.artifacts[MODEL_ARTIFACT]),
+            runtime=config.get("runtime", "auto"),
             device=config["inference_device"],
-            expected_sha256=config["weights_sha256"],
+            expected={"weights": config["weights_sha256"], "onnx": config.get("onnx_sha256")},
         )
 
     def _pixels(self, row: int, encoded: str) -> np.ndarray:

@@ -20,11 +20,12 @@ from tqdm import tqdm
 
 from pneumo import paths, platforms
 from pneumo.config import CLASS_NAMES, EvaluateConfig, ExternalSet, GateConfig, Params, ZipLimits
-from pneumo.core import calibration, external, gate, phantoms, referral, sources, subgroups
+from pneumo.core import calibration, external, gate, graph, phantoms, referral, sources, subgroups
 from pneumo.core.data import CachedSplit
 from pneumo.core.devices import resolve_device
+from pneumo.core.export import export_folder
 from pneumo.core.images import ImageDecodeError
-from pneumo.core.inference import Classifier, load_network, tta_probabilities
+from pneumo.core.inference import TorchClassifier, load_network
 from pneumo.core.metrics import (
     CALIBRATION_BINS,
     binary_metrics,
@@ -32,6 +33,7 @@ from pneumo.core.metrics import (
     choose_threshold,
     metrics_with_ci,
 )
+from pneumo.core.runtime import Classifier
 from pneumo.figures import png_figure
 from pneumo.files import sha256_of, staged_dir, write_json_atomic, write_text_atomic
 from pneumo.markdown import (
@@ -239,7 +241,7 @@ def assess(
     threshold and a referral band chosen on ``splits["val"]``; also returns each split's
     per-view (raw) probabilities and the decision."""
     per_view = {
-        name: tta_probabilities(
+        name: graph.tta_probabilities(
             model, split.images, cfg.tta, batch_size=cfg.batch_size, device=device
         )
         for name, split in splits.items()
@@ -255,7 +257,7 @@ def assess(
     p_val_plain, p_test_plain = (
         per_view[name][cfg.tta.index("identity")]
         if "identity" in cfg.tta
-        else tta_probabilities(model, splits[name].images, ["identity"], device=device)[0]
+        else graph.tta_probabilities(model, splits[name].images, ["identity"], device=device)[0]
         for name in ("val", "test")
     )
     threshold_plain = choose_threshold(cfg.threshold, y_val, p_val_plain)
@@ -323,13 +325,13 @@ def fit_input_gate(
     images |= {kind: phantoms.shifted(test_images, kind) for kind in phantoms.SHIFTS}
     inputs = {
         name: {
-            "features": gate.features(model, pixels, batch_size=batch_size, device=device),
+            "features": graph.features(model, pixels, batch_size=batch_size, device=device),
             "pixels": gate.pixel_features(pixels),
         }
         for name, pixels in images.items()
     }
     fitted = gate.fit(inputs["train"], inputs["val"], cfg.components, cfg.percentile)
-    head = gate.head_input(model)
+    head = graph.head_input(model)
     scores: dict[str, dict[str, np.ndarray]] = {}
     for name, found in inputs.items():
         scores[name] = gate.distances(fitted, found)
@@ -415,11 +417,14 @@ def evaluate_external_models(
     from pneumo.mlops.predict import PredictError, load_classifier
 
     chosen = models or [str(paths.model_dir(b)) for b in params.backbones]
-    classifiers = {model: load_classifier(model, device, lambda: params) for model in chosen}
+    # torch, as evaluate runs them: the numbers equal the model folder's own evaluation
+    classifiers = {
+        model: load_classifier(model, device, lambda: params, "torch") for model in chosen
+    }
     if not models:
         champion = f"models:/{params.registry.model_name}@champion"
         try:
-            classifiers[champion] = load_classifier(champion, device, lambda: params)
+            classifiers[champion] = load_classifier(champion, device, lambda: params, "torch")
         except PredictError as exc:
             log.info("no champion evaluated: %s", exc)
     found = {
@@ -468,12 +473,17 @@ def evaluate(
     trained = Params.model_validate(card.params)
     with staged_dir(model_dir) as staging:
         write_model_files(checkpoint_dir, staging, record, decision, fitted_gate)
-        classifier = Classifier.load(staging, str(device))
+        parity = export_folder(staging, splits["test"].images, cfg.export, cfg.batch_size)
+        classifier = TorchClassifier.load(staging, str(device))
         found = {
             spec.name: evaluate_external(classifier, spec, params.data.limits, cfg)
             for spec in cfg.external
         }
-        record = record.model_copy(update={"external": found})
+        exports = {
+            fmt: {"file": exported.file, "test_max_abs_diff_from_torch": parity[fmt]}
+            for fmt, exported in InferenceSettings.read(staging).exports.items()
+        }
+        record = record.model_copy(update={"external": found, "exports": exports})
         document = model_card_document(trained, backbone, record, counts)
         document.write(staging)
         write_text_atomic(staging / document.MARKDOWN, render_model_card(document))

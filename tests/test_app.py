@@ -1,0 +1,102 @@
+"""`pneumo app`: the page and its API, over real HTTP from a running server."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pneumo.mlops.app import MAX_UPLOAD_MB, RESEARCH_ONLY
+from tests.conftest import BATCH_TOLERANCE, free_port, jpeg_bytes, tool_env
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_project: Path) -> Iterator[str]:
+    port = free_port()
+    model = str(tiny_project / "models/resnet50")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pneumo", "app", "--model", model, "--port", str(port)],
+        cwd=tiny_project, env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/api/model", timeout=2).close()
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+                assert time.monotonic() < deadline, "pneumo app did not start"
+                time.sleep(0.3)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _post(url: str, data: bytes, name: str = "scan.jpeg") -> tuple[int, dict]:
+    request = urllib.request.Request(
+        f"{url}/api/predict", data=data, headers={"X-Filename": name}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_the_page_loads_nothing_from_elsewhere_and_says_research_only(app_url):
+    with urllib.request.urlopen(app_url, timeout=10) as response:
+        page = response.read().decode()
+    assert RESEARCH_ONLY in page and "<script>" in page
+    assert not re.search(r"(src|href)=|https?://|@import", page)  # inline only: works offline
+    with urllib.request.urlopen(f"{app_url}/api/model", timeout=10) as response:
+        model = json.loads(response.read())
+    assert model | {"notice": RESEARCH_ONLY} == model
+    assert (model["name"], model["backbone"], model["runtime"]) == ("resnet50", "resnet50", "torch")
+
+
+def test_an_upload_gets_the_answer_predict_gives_and_its_grad_cam(app_url, tiny_project):
+    expected = pd.read_csv(tiny_project / "reports/eval/resnet50/predictions.csv").iloc[0]
+    image = tiny_project / "data/raw" / expected.image
+    status, answer = _post(app_url, image.read_bytes(), image.name)
+    assert status == 200, answer
+    assert answer["probability"] == pytest.approx(expected.probability, abs=BATCH_TOLERANCE)
+    assert answer["label"] in ("NORMAL", "PNEUMONIA", "REFER")
+    assert answer["in_distribution"] is True and answer["notice"] == RESEARCH_ONLY
+    header, encoded = answer["figure"].split(",", 1)
+    assert header == "data:image/png;base64"
+    assert base64.b64decode(encoded).startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_noise_is_answered_without_a_label_and_with_the_reason(app_url):
+    status, answer = _post(app_url, jpeg_bytes(0), "noise.jpeg")
+    assert status == 200
+    assert answer["label"] is None and answer["in_distribution"] is False
+    assert "not a chest radiograph" in answer["reason"]
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "message"),
+    [
+        (b"%PDF-1.4 not an image", 422, "notes.pdf is not an image pneumo can read"),
+        (b"", 400, "the upload is empty"),
+        (b"\0" * (MAX_UPLOAD_MB * 2**20 + 1), 413, f"the limit is {MAX_UPLOAD_MB} MB"),
+    ],
+    ids=["not-an-image", "empty", "too-large"],
+)
+def test_wrong_uploads_get_a_message_not_a_stack_trace(app_url, data, status, message):
+    found, answer = _post(app_url, data, "notes.pdf")
+    assert found == status
+    assert message in answer["error"] and "Traceback" not in answer["error"]
