@@ -6,7 +6,7 @@ latency, and the served model.
 
 - ``import torch`` alone in a new process, the yardstick for cold starts, ``--cold`` runs;
 - cold: `pneumo predict --model MODEL_DIR --runtime R IMAGE` in a new process, wall time and
-  peak RSS (the child's own ``ru_maxrss``), ``--cold`` runs per runtime;
+  peak RSS (the process's own ``VmHWM`` at exit), ``--cold`` runs per runtime;
 - warm: one image through a loaded classifier of each runtime, ``--warm`` runs;
 - served (with ``--serve``): the folder saved as the registered pyfunc model is (same code,
   same shipped modules), once per runtime (``model_config.runtime``), run by

@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pandas as pd
 import pytest
@@ -47,7 +48,7 @@ def app_url(tiny_project: Path) -> Iterator[str]:
 
 def _post(url: str, data: bytes, name: str = "scan.jpeg") -> tuple[int, dict]:
     request = urllib.request.Request(
-        f"{url}/api/predict", data=data, headers={"X-Filename": name}, method="POST"
+        f"{url}/api/predict", data=data, headers={"X-Filename": quote(name)}, method="POST"
     )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
@@ -100,3 +101,15 @@ def test_wrong_uploads_get_a_message_not_a_stack_trace(app_url, data, status, me
     found, answer = _post(app_url, data, "notes.pdf")
     assert found == status
     assert message in answer["error"] and "Traceback" not in answer["error"]
+
+
+def test_a_file_name_in_any_script_and_a_body_without_length_are_answered(app_url):
+    found, answer = _post(app_url, b"%PDF-1.4", "снимок 肺.pdf")  # the page quotes the name
+    assert found == 422 and answer["error"].startswith("снимок 肺.pdf is not an image")
+    request = urllib.request.Request(
+        f"{app_url}/api/predict", data=b"x", headers={"Content-Length": "-5"}, method="POST"
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 411
+    assert "Content-Length" in json.loads(refused.value.read())["error"]

@@ -74,13 +74,19 @@ def settings_size(folder: Path) -> int:
 
 
 def test_a_graph_that_disagrees_with_torch_is_not_kept(tiny_project, tmp_path, monkeypatch):
+    """The folder keeps the graph it had, usable, and its settings as they were."""
     folder = shutil.copytree(tiny_project / "models/resnet50", tmp_path / "m")
-    before = InferenceSettings.read(folder)
-    monkeypatch.setattr(export, "parity", lambda *args: 0.01)
+    before, graph = InferenceSettings.read(folder), (folder / Exported.ONNX).read_bytes()
+    monkeypatch.setattr(export, "parity", lambda *args: (0.01, 0.0))
     with pytest.raises(export.ExportError, match="answers up to 0.01 away from torch"):
         export_folder(folder, parity_images(settings_size(folder), count=4), ["onnx"])
-    assert not (folder / Exported.ONNX).exists()
-    assert InferenceSettings.read(folder) == before  # nothing recorded for it
+    assert (folder / Exported.ONNX).read_bytes() == graph
+    assert InferenceSettings.read(folder) == before
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []
+    assert OnnxClassifier.load(folder).runtime == "onnx"
+    monkeypatch.setattr(export, "parity", lambda *args: (0.0, 0.5))  # features far off
+    with pytest.raises(export.ExportError, match="features 0.5"):
+        export_folder(folder, parity_images(settings_size(folder), count=4), ["onnx"])
 
 
 def test_an_onnx_file_changed_after_export_is_refused(tiny_project, tmp_path):
@@ -88,8 +94,25 @@ def test_an_onnx_file_changed_after_export_is_refused(tiny_project, tmp_path):
     graph = bytearray((folder / Exported.ONNX).read_bytes())
     graph[-200] ^= 0xFF
     (folder / Exported.ONNX).write_bytes(bytes(graph))
-    for runtime in ("onnx", "torch", "auto"):  # torch would not read it, but the folder changed
+    for runtime in ("onnx", "auto"):
         with pytest.raises(IntegrityError, match="model.onnx has SHA-256 .* but inference.json"):
+            load_classifier(folder, runtime)
+    assert load_classifier(folder, "torch").runtime == "torch"  # checks what it reads
+
+
+def test_a_folder_with_its_graph_alone_answers_through_onnx(tiny_project, tmp_path):
+    folder = shutil.copytree(tiny_project / "models/resnet50", tmp_path / "m")
+    (folder / "model.pt").unlink()
+    assert load_classifier(folder, "onnx").runtime == "onnx"
+    with pytest.raises(ModelFolderError, match="model.pt is missing"):
+        load_classifier(folder, "torch")
+
+
+def test_a_folder_from_before_the_export_says_to_rebuild_it(tiny_project, tmp_path):
+    folder = shutil.copytree(tiny_project / "models/resnet50", tmp_path / "m")
+    (folder / "gate.npz").rename(folder / "gate.pt")
+    for runtime in ("onnx", "torch"):
+        with pytest.raises(ModelFolderError, match="made by an earlier pneumo .* `dvc repro`"):
             load_classifier(folder, runtime)
 
 
@@ -132,6 +155,8 @@ def test_pneumo_export_writes_both_formats_into_an_older_folder(tiny_project, tm
     exports = InferenceSettings.read(folder).exports
     assert set(exports) == {"onnx", "torchscript"}
     pixels = _test_split(tiny_project)[:10]
+    assert run_cli("export", str(folder), "--format", "torchscript").exit_code == 0
+    assert set(InferenceSettings.read(folder).exports) == {"onnx", "torchscript"}  # kept
     traced = torch.jit.load(str(folder / Exported.TORCHSCRIPT))
     with torch.inference_mode():
         per_view = traced(torch.from_numpy(pixels)[:, None])[0].double().numpy()

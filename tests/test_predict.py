@@ -104,6 +104,20 @@ def test_skip_done_needs_an_out_file_and_out_needs_a_known_format(project_copy):
     (project_copy / "other.csv").write_text("a,b\n1,2\n")
     result = _predict("--out", "other.csv", "--skip-done", *files)
     assert result.exit_code == 1 and "is not this command's output" in result.output
+    (project_copy / "file.parquet").write_text("not a folder")
+    result = _predict("--out", "file.parquet", *files)
+    assert result.exit_code == 1 and "file.parquet is a file: choose another name" in result.output
+    (project_copy / "mine.parquet").mkdir()
+    (project_copy / "mine.parquet/notes.txt").write_text("keep me")
+    result = _predict("--out", "mine.parquet", *files)
+    assert result.exit_code == 1 and "holds files that are not prediction parts" in result.output
+    assert (project_copy / "mine.parquet/notes.txt").read_text() == "keep me"
+
+
+def test_explaining_needs_torch_and_says_so_before_any_row(project_copy):
+    result = _predict("--runtime", "onnx", "--explain", "cams", *_scans(project_copy, 1))
+    assert result.exit_code == 1 and result.stdout == ""
+    assert "--explain (Grad-CAM) needs the network's gradients: --runtime torch" in result.output
 
 
 def _predict_peak_mib(project, folder, count: int) -> float:

@@ -260,11 +260,13 @@ def export(folders: tuple[Path, ...], formats: tuple[str, ...], images: Path | N
 
     files = expand_inputs([images]) if images else None
     for folder in folders:
-        verified_settings(folder)  # the weights are the ones the settings were chosen for
+        # the weights are the ones the settings were chosen for
+        verified_settings(folder, reads="torch")
         card = ModelCard.read(folder)
         pixels = parity_images(card.image_size, card.resize, files)
         parity = export_folder(folder, pixels, list(formats or FORMATS))
-        for fmt, exported in InferenceSettings.read(folder).exports.items():
+        exports = InferenceSettings.read(folder).exports
+        for fmt, exported in ((fmt, exports[fmt]) for fmt in parity):
             click.echo(
                 f"{folder / exported.file}: {fmt} ({exported.version}), max |Δp| from torch "
                 f"{parity[fmt]:.2g} on {len(pixels)} images"
@@ -484,8 +486,10 @@ def predict(
         files = [file for file in files if str(file) not in done]
         if done:
             click.echo(f"{len(done)} files already in {out}: {len(files)} to go", err=True)
-    if explain_dir is not None and runtime == "auto":
-        runtime = "torch"  # Grad-CAM needs the network's gradients
+    if explain_dir is not None and runtime == "onnx":
+        raise PneumoError("--explain (Grad-CAM) needs the network's gradients: --runtime torch")
+    if explain_dir is not None:
+        runtime = "torch"
     quick_start = len(files) < prediction.PROGRESS_FROM
     classifier = prediction.load_classifier(
         model, device, lambda: _params(ctx), runtime, quick_start

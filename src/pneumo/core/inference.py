@@ -70,7 +70,7 @@ class TorchClassifier(Classifier):
         cls, folder: Path, device: str = "cpu", *, expected: dict[str, str | None] | None = None
     ) -> TorchClassifier:
         """Load ``folder`` after checking its files (:func:`verified_settings`)."""
-        settings = verified_settings(folder, expected)
+        settings = verified_settings(folder, expected, reads="torch")
         net, card = load_network(folder)
         target = resolve_device(device, setting="device")
         graph = InferenceGraph(net, settings.tta_views, card.image_size).to(target)

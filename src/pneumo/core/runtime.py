@@ -31,6 +31,8 @@ from pneumo.records import Exported, InferenceSettings, InputGate, ModelCard, Re
 from pneumo.specs import DeviceChoice
 
 Runtime = Literal["auto", "onnx", "torch"]
+# The gate file of model folders made before the ONNX export (a torch archive).
+LEGACY_GATE = "gate.pt"
 RUNTIMES: tuple[str, ...] = ("auto", "onnx", "torch")
 
 
@@ -43,33 +45,49 @@ class IntegrityError(UserError):
 
 
 def verified_settings(
-    folder: Path, expected: dict[str, str | None] | None = None
+    folder: Path, expected: dict[str, str | None] | None = None, reads: str = "all"
 ) -> InferenceSettings:
     """The inference settings of a model folder whose files hash to what the settings
     recorded (and to ``expected``, the registration's record: ``{"weights": sha256,
-    "onnx": sha256}``, when given); reads the files' bytes but builds no network."""
+    "onnx": sha256}``, when given); reads the files' bytes but builds no network.
+
+    ``reads`` names what will be loaded, ``torch`` (the weights) or ``onnx`` (the graph), and
+    only those files and the gate are checked: each runtime checks what it runs, so a folder
+    shipped with its graph alone answers through ONNX. ``all`` checks every file.
+    """
     if not (InferenceSettings.path(folder).is_file() and ModelCard.path(folder).is_file()):
         raise ModelFolderError(
             f"{folder} is not a model folder (it needs {ModelCard.FILE}, "
             f"{InferenceSettings.FILE} and {ModelCard.WEIGHTS}): pass --model "
             "models/<backbone> after `dvc repro`, or a models:/<name>@<alias> URI"
         )
+    if (folder / LEGACY_GATE).is_file() and not (folder / InputGate.FILE).is_file():
+        raise ModelFolderError(
+            f"{folder} was made by an earlier pneumo (its gate is {LEGACY_GATE}): rebuild it "
+            "with `dvc repro` (evaluate), or use that pneumo version"
+        )
     settings = InferenceSettings.read(folder)
     expected = expected or {}
-    checks = [
-        (ModelCard.weights(folder), InferenceSettings.FILE, settings.weights_sha256),
-        (ModelCard.weights(folder), "the registration", expected.get("weights")),
-        (folder / InputGate.FILE, InferenceSettings.FILE, settings.gate.sha256),
-    ]
-    for exported in settings.exports.values():
-        checks.append((folder / exported.file, InferenceSettings.FILE, exported.sha256))
-    if "onnx" in settings.exports:
+    gate_file = folder / InputGate.FILE
+    checks = [(gate_file, InferenceSettings.FILE, settings.gate.sha256)]
+    if reads in ("all", "torch"):
+        weights = ModelCard.weights(folder)
+        checks += [
+            (weights, InferenceSettings.FILE, settings.weights_sha256),
+            (weights, "the registration", expected.get("weights")),
+        ]
+    for fmt, exported in settings.exports.items():
+        if reads == "all" or reads == fmt:
+            checks.append((folder / exported.file, InferenceSettings.FILE, exported.sha256))
+    if "onnx" in settings.exports and reads in ("all", "onnx"):
         checks.append((folder / Exported.ONNX, "the registration", expected.get("onnx")))
     for file, source, recorded in checks:
         if not file.is_file():
             raise ModelFolderError(f"{file} is missing: rerun `dvc repro` or copy it back")
+        if recorded is None:
+            continue
         digest = sha256_of(file)
-        if recorded is not None and digest != recorded:
+        if digest != recorded:
             raise IntegrityError(
                 f"{file} has SHA-256 {digest[:16]}…, but {source} recorded "
                 f"{recorded[:16]}…: the file changed after it was recorded; "
@@ -184,7 +202,8 @@ class Classifier:
         ]
         ready = [i for i, found in enumerate(decoded) if not isinstance(found, str)]
         if ready:
-            probabilities, scores = self.assess(np.stack([decoded[i] for i in ready]))
+            pixels = np.stack([decoded[i] for i in ready])
+            probabilities, scores = self.assess(pixels, batch_size=len(pixels))
             for i, p, score in zip(ready, probabilities, scores, strict=True):
                 rows[i] |= self.decide(float(p), float(score), allow_ood)
         return rows
@@ -206,14 +225,15 @@ class OnnxClassifier(Classifier):
         expected: dict[str, str | None] | None = None,
         quick_start: bool = False,
     ) -> OnnxClassifier:
-        """Load ``folder`` after checking its files; ``quick_start`` for one or a few images
-        (:func:`onnx_session`)."""
-        settings = verified_settings(folder, expected)
-        if "onnx" not in settings.exports:
+        """Load ``folder`` after checking the files it reads; ``quick_start`` for one or a
+        few images (:func:`onnx_session`)."""
+        recorded = InferenceSettings.path(folder)
+        if recorded.is_file() and "onnx" not in InferenceSettings.read(folder).exports:
             raise ModelFolderError(
-                f"{folder} has no ONNX graph: run `pneumo export {folder}` (a folder made "
-                "before pneumo exported them), or pass --runtime torch"
+                f"{folder} has no ONNX graph: run `pneumo export {folder}` (made with "
+                "evaluate.export without onnx), or pass --runtime torch"
             )
+        settings = verified_settings(folder, expected, reads="onnx")
         session = onnx_session(folder / Exported.ONNX, device, quick_start)
         return cls(ModelCard.read(folder), settings, gate.load(folder), session)
 
@@ -282,11 +302,7 @@ def load_classifier(
     if runtime not in RUNTIMES:
         raise UserError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     if runtime == "auto":
-        settings = verified_settings(folder, expected)
-        kind = _device(device).kind
-        usable = kind in ("cpu", "auto") or (kind == "cuda" and _onnx_has_cuda())
-        usable = usable and find_spec("onnxruntime") is not None
-        runtime = "onnx" if "onnx" in settings.exports and usable else "torch"
+        runtime = _auto_runtime(folder, _device(device).kind)
     if runtime == "onnx":
         return OnnxClassifier.load(folder, device, expected=expected, quick_start=quick_start)
     try:
@@ -297,6 +313,28 @@ def load_classifier(
             "'pneumo[pipeline]', or use --runtime onnx"
         ) from exc
     return TorchClassifier.load(folder, device, expected=expected)
+
+
+def _auto_runtime(folder: Path, kind: str) -> str:
+    """ONNX Runtime where it can run the folder's graph on the device asked for (for ``auto``,
+    unless torch would use a GPU that this onnxruntime cannot), else torch."""
+    if find_spec("onnxruntime") is None or not InferenceSettings.path(folder).is_file():
+        return "torch"
+    if "onnx" not in InferenceSettings.read(folder).exports:
+        return "torch"
+    if kind == "cpu" or _onnx_has_cuda():
+        return "onnx"
+    if kind == "cuda" or (kind == "auto" and _torch_has_cuda()):
+        return "torch"
+    return "onnx" if kind == "auto" else "torch"  # mps: torch
+
+
+def _torch_has_cuda() -> bool:
+    if find_spec("torch") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _device(device: str) -> DeviceChoice:

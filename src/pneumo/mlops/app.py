@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote
 
 from pneumo.core.runtime import Classifier
 from pneumo.mlops.predict import Explanations
@@ -62,7 +63,6 @@ class Answerer:
 
     def __init__(self, classifier: Classifier, identity: ModelIdentity, workdir: Path) -> None:
         self.classifier, self.identity, self.workdir = classifier, identity, workdir
-        self.explanations = Explanations(classifier, workdir / "figures")
         self.lock = threading.Lock()
 
     def model(self) -> dict:
@@ -78,21 +78,22 @@ class Answerer:
         }
 
     def answer(self, filename: str, data: bytes) -> tuple[HTTPStatus, dict]:
+        name = Path(filename).name or "upload"
         if not data:
             return HTTPStatus.BAD_REQUEST, {"error": "the upload is empty: choose an image file"}
-        with self.lock:
-            upload = self.workdir / "upload" / (Path(filename).name or "upload")
-            upload.parent.mkdir(parents=True, exist_ok=True)
+        # One upload at a time, in a folder of its own that goes with the answer.
+        with self.lock, tempfile.TemporaryDirectory(dir=self.workdir) as folder:
+            upload = Path(folder) / "upload" / name
+            upload.parent.mkdir()
             upload.write_bytes(data)
             [row] = self.classifier.predict_files([upload])
             if "error" in row:
                 return HTTPStatus.UNPROCESSABLE_ENTITY, {
-                    "error": f"{Path(filename).name} is not an image pneumo can read "
+                    "error": f"{name} is not an image pneumo can read "
                     f"(PNG, JPEG, BMP, TIFF or DICOM): {row['error']}"
                 }
-            figure = self.explanations.write(upload, row)
+            figure = Explanations(self.classifier, Path(folder) / "figure").write(upload, row)
             picture = base64.b64encode(figure.read_bytes()).decode("ascii")
-            figure.unlink()
         row.pop("file")
         row["figure"] = f"data:image/png;base64,{picture}"
         return HTTPStatus.OK, row | {"model": self.model(), "notice": RESEARCH_ONLY}
@@ -134,7 +135,17 @@ def handler(answerer: Answerer, page: bytes) -> type[BaseHTTPRequestHandler]:
             if self.path != "/api/predict":
                 self._json(HTTPStatus.NOT_FOUND, {"error": f"no endpoint {self.path}"})
                 return
-            size = int(self.headers.get("Content-Length") or 0)
+            try:
+                size = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                size = -1
+            if size < 0:
+                self.close_connection = True
+                self._json(
+                    HTTPStatus.LENGTH_REQUIRED,
+                    {"error": "send the file as the request body, with its Content-Length"},
+                )
+                return
             if size > MAX_UPLOAD_MB * 2**20:
                 self._discard(size)
                 self._json(
@@ -143,7 +154,7 @@ def handler(answerer: Answerer, page: bytes) -> type[BaseHTTPRequestHandler]:
                      f"{MAX_UPLOAD_MB} MB"},
                 )  # fmt: skip
                 return
-            filename = self.headers.get("X-Filename", "upload")
+            filename = unquote(self.headers.get("X-Filename", "upload"))  # the page quotes it
             try:
                 status, payload = answerer.answer(filename, self.rfile.read(size))
             except Exception:  # a bug must not show a stack trace on the page
@@ -233,7 +244,7 @@ document.getElementById("form").addEventListener("submit", async event => {
   let answer;
   try {
     const response = await fetch("/api/predict", {method: "POST", body: file,
-      headers: {"X-Filename": file.name}});
+      headers: {"X-Filename": encodeURIComponent(file.name)}});
     answer = await response.json();
   } catch (error) {
     answer = {error: "the server did not answer: " + error};

@@ -14,7 +14,6 @@ import csv
 import io
 import json
 import os
-import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -168,11 +167,21 @@ class PredictionFile:
             raise PredictError(f"--out {path}: name a .csv file or a .parquet folder")
         if self.parquet:
             self._pyarrow()
-        if not resume and path.exists():
-            if self.parquet:
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+        if path.exists() and path.is_dir() != self.parquet:
+            kind = "a folder" if path.is_dir() else "a file"
+            raise PredictError(f"--out {path} is {kind}: choose another name")
+        if self.parquet and path.is_dir():
+            strangers = [item.name for item in path.iterdir() if not self._is_part(item)]
+            if strangers:
+                raise PredictError(
+                    f"--out {path} holds files that are not prediction parts "
+                    f"({', '.join(sorted(strangers)[:3])}): choose another folder"
+                )
+
+    @staticmethod
+    def _is_part(item: Path) -> bool:
+        name = item.name.removeprefix(".").removesuffix(".tmp")
+        return name.startswith("part-") and name.endswith(".parquet")
 
     def _pyarrow(self):
         try:
@@ -210,19 +219,24 @@ class PredictionFile:
         return {row["file"] for row in reader}
 
     def write(self, rows: Iterable[dict]) -> tuple[int, bool]:
-        """Write ``rows``; the number written and whether any has an error."""
+        """Write ``rows`` (an earlier run's output is replaced unless resuming, once the
+        first row is ready: a model that fails to load leaves it as it was); the number
+        written and whether any has an error."""
         if self.parquet:
             return self._write_parquet(rows)
         written, failed = 0, False
-        fresh = not self.path.exists() or self.path.stat().st_size == 0
-        with self.path.open("a", newline="") as stream:
-            writer = csv.DictWriter(stream, fieldnames=self.columns, lineterminator="\n")
-            if fresh:
-                writer.writeheader()
-            for row in rows:
-                writer.writerow(row)
-                stream.flush()
-                written, failed = written + 1, failed or "error" in row
+        for row in rows:
+            if written == 0:
+                fresh = not self.resume or not self.path.exists() or not self.path.stat().st_size
+                stream = self.path.open("w" if fresh else "a", newline="")
+                writer = csv.DictWriter(stream, fieldnames=self.columns, lineterminator="\n")
+                if fresh:
+                    writer.writeheader()
+            writer.writerow(row)
+            stream.flush()
+            written, failed = written + 1, failed or "error" in row
+        if written:
+            stream.close()
         return written, failed
 
     def _write_parquet(self, rows: Iterable[dict]) -> tuple[int, bool]:
@@ -230,11 +244,18 @@ class PredictionFile:
         text, number = pa.string(), pa.float64()
         types = {"probability": number, "gate_score": number, "in_distribution": pa.bool_()}
         schema = pa.schema([(name, types.get(name, text)) for name in self.columns])
-        self.path.mkdir(parents=True, exist_ok=True)
-        index, pending, written, failed = len(self._parts()), [], 0, False
+        pending: list[dict] = []
+        written, failed, index = 0, False, None
 
         def flush() -> None:
             nonlocal index
+            if index is None:  # the first part: an earlier run's go unless resuming
+                self.path.mkdir(parents=True, exist_ok=True)
+                if not self.resume:
+                    for item in self.path.iterdir():
+                        item.unlink()
+                numbers = [int(part.stem.removeprefix("part-")) for part in self._parts()]
+                index = max(numbers, default=-1) + 1
             part = self.path / f"part-{index:05d}.parquet"
             partial = part.with_name(f".{part.name}.tmp")
             pa.parquet.write_table(pa.Table.from_pylist(pending, schema=schema), partial)
