@@ -39,9 +39,10 @@ log = logging.getLogger(__name__)
 OPSET = 18
 # The exported graphs must answer as the torch module does: probabilities within this, and
 # the gate's features within this share of their largest magnitude (other kernels' float32
-# sums move pooled features of 0-6 by up to 2e-4).
+# sums moved them by up to 0.17% of it, a one-epoch EfficientNet-B4; a broken output is off
+# by the whole magnitude).
 PARITY_TOLERANCE = 1e-4
-FEATURE_TOLERANCE = 1e-3
+FEATURE_TOLERANCE = 1e-2
 FORMATS = ("onnx", "torchscript")
 
 

@@ -28,7 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pneumo.core.inference import MODEL_ARTIFACT
-from pneumo.core.runtime import load_classifier
+from pneumo.core.runtime import load_classifier, verified_settings
 
 OUTPUT_COLUMNS = ["probability", "label", "in_distribution", "gate_score", "reason"]
 
@@ -36,11 +36,15 @@ OUTPUT_COLUMNS = ["probability", "label", "in_distribution", "gate_score", "reas
 class PneumoniaModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         config = context.model_config
+        folder = Path(context.artifacts[MODEL_ARTIFACT])
+        expected = {"weights": config["weights_sha256"], "onnx": config.get("onnx_sha256")}
+        # A registered version is checked whole, whichever runtime then reads which file.
+        verified_settings(folder, expected, reads="all")
         self.classifier = load_classifier(
-            Path(context.artifacts[MODEL_ARTIFACT]),
+            folder,
             runtime=config.get("runtime", "auto"),
             device=config["inference_device"],
-            expected={"weights": config["weights_sha256"], "onnx": config.get("onnx_sha256")},
+            expected=expected,
         )
 
     def _pixels(self, row: int, encoded: str) -> np.ndarray:
