@@ -36,9 +36,14 @@ def test_onnx_answers_the_test_split_as_torch_does(tiny_project, backbone):
     assert set(InferenceSettings.read(folder).exports) == {"onnx"}
     pixels = _test_split(tiny_project)
     torch_side, onnx_side = TorchClassifier.load(folder), OnnxClassifier.load(folder)
+    # The fp32 contract is on the graph's output; a steep isotonic step of the calibration map
+    # can magnify it (1.8e-5 became 1.8e-4 under AVX2 kernels), so calibrated answers are
+    # compared by their labels.
+    raw_torch, _ = torch_side.views_and_features(pixels, 64)
+    raw_onnx, _ = onnx_side.views_and_features(pixels, 64)
+    assert np.abs(raw_onnx - raw_torch).max() <= PARITY_TOLERANCE
     p_torch, gate_torch = torch_side.assess(pixels)
     p_onnx, gate_onnx = onnx_side.assess(pixels)
-    assert np.abs(p_onnx - p_torch).max() <= PARITY_TOLERANCE
     np.testing.assert_allclose(gate_onnx, gate_torch, rtol=1e-3, atol=1e-4)
     decide = [
         [side.decide(float(p), float(g))["label"] for p, g in zip(probs, gates, strict=True)]
