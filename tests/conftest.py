@@ -170,6 +170,34 @@ def project_copy(tiny_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
     return copy
 
 
+# Searches for `pneumo tune` on the tiny project, decided by the random sampler's draws alone
+# (not by any CPU's arithmetic): every trial that reaches epoch 2 is pruned there (a validation
+# loss is never below -1; epoch 1 is the warm-up), every one-epoch trial completes.
+TINY_SEARCH = {
+    "objective": "val_loss",
+    "sampler": {"name": "random", "seed": 0},
+    "pruner": {"name": "threshold", "threshold": -1.0, "warmup_epochs": 1},
+    "space": {
+        "train.epochs": {"choices": [1, 2]},
+        "train.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
+        "model.dropout": {"low": 0.1, "high": 0.5},
+    },
+}
+
+
+def preprocessed_copy(tiny_project: Path, dest: Path, **changes: dict) -> Path:
+    """The tiny project's params.yaml (sections overlaid with ``changes``) and preprocessed
+    cache in ``dest``: what `pneumo tune` reads, without the models."""
+    import shutil
+
+    import yaml
+
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(tiny_project / "data" / "processed", dest / "data" / "processed")
+    (dest / "params.yaml").write_text(yaml.safe_dump(_overlay(TINY_PARAMS, changes)))
+    return dest
+
+
 # --- whole `pneumo` processes on a copy of the tiny project (resume, crashes) ----------------
 
 
@@ -184,9 +212,12 @@ def write_params(project: Path, **train) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(raw))
 
 
-def pneumo_process(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
-    """`python -m pneumo ARGS` in ``cwd``, stdout and stderr together as text."""
-    env = tool_env(PYTHONUNBUFFERED="1")
+def pneumo_process(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, **kwargs
+) -> subprocess.Popen:
+    """`python -m pneumo ARGS` in ``cwd`` (``env``: variables added to :func:`tool_env`),
+    stdout and stderr together as text."""
+    env = tool_env(PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.Popen(
         [sys.executable, "-m", "pneumo", *args], cwd=cwd, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs,

@@ -43,6 +43,11 @@ class TeamServer:
     def backend_store_uri(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.pg_port}/mlflow"
 
+    @property
+    def optuna_storage(self) -> str:
+        """The database scripts/team-server creates for `pneumo tune --storage`."""
+        return f"postgresql://postgres@127.0.0.1:{self.pg_port}/optuna"
+
     def sql(self, query: str, **params: Any) -> list[tuple]:
         """Rows of a query on the server's PostgreSQL database."""
         import sqlalchemy

@@ -9,8 +9,17 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
-from tests.conftest import BATCH_TOLERANCE, run_tool, tiny_repository, tool_env
+from tests.conftest import (
+    BATCH_TOLERANCE,
+    TINY_SEARCH,
+    pneumo_process,
+    preprocessed_copy,
+    run_tool,
+    tiny_repository,
+    tool_env,
+)
 from tests.team_stack import SCRIPT, TeamServer, team_server  # noqa: F401 (fixture)
 
 NAME = "pneumo-classifier"
@@ -122,3 +131,41 @@ def test_a_team_runs_the_pipeline_on_the_server_and_a_second_clone_serves_its_ch
     [row], _ = json.JSONDecoder().raw_decode(output, output.index("["))  # stdout, then stderr
     assert row["probability"] == pytest.approx(expected["probability"], abs=BATCH_TOLERANCE)
     assert not (second / "mlflow.db").exists() and not (second / "data").exists()
+
+
+@pytest.mark.slow
+def test_two_tune_workers_share_one_study_on_postgresql_and_log_to_the_server(
+    team_server: TeamServer,  # noqa: F811
+    tiny_project: Path,
+    tmp_path: Path,
+):
+    """Two `pneumo tune` processes, one study in the team's PostgreSQL: they split the budget
+    (no trial number twice, no trial over it) and every trial is a run on the MLflow server."""
+    import optuna
+    from mlflow import MlflowClient
+
+    project = preprocessed_copy(tiny_project, tmp_path / "p", tracking={"experiment": "tune"})
+    (project / "search.yaml").write_text(yaml.safe_dump(TINY_SEARCH))
+    command = ("tune", "search.yaml", "--trials", "6", "--storage", team_server.optuna_storage,
+               "--study", "shared")  # fmt: skip
+    env = {"MLFLOW_TRACKING_URI": team_server.uri}
+    workers = [pneumo_process(*command, cwd=project, env=env) for _ in range(2)]
+    outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+
+    trials = optuna.load_study(study_name="shared", storage=team_server.optuna_storage).trials
+    assert sorted(t.number for t in trials) == list(range(6))
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    pids = {t.user_attrs["pneumo.worker"]["pneumo.pid"] for t in trials}
+    assert pids == {str(worker.pid) for worker in workers}  # both took trials
+
+    client = MlflowClient(tracking_uri=team_server.uri)
+    experiment = client.get_experiment_by_name("tune")
+    runs = client.search_runs([experiment.experiment_id], "tags.`optuna.study` = 'shared'")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r not in parents]
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in children) == list(range(6))
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert (project / "reports/tune/shared/history.png").is_file()

@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable
@@ -549,6 +550,7 @@ def approaches(
     run them JOBS at a time."""
     import yaml
 
+    from pneumo.config import nest_dotted
     from pneumo.mlops import experiments, tracking
 
     if Path(ctx.obj["params"]).resolve() != paths.PARAMS.resolve():
@@ -558,16 +560,13 @@ def approaches(
         )
     params = _params(ctx)
     chosen = list(names) or list(experiments.APPROACH_ORDER)
-    extra: dict = {}
+    dotted: dict = {}
     for item in sets:
         key, sep, value = item.partition("=")
         if not sep:
             raise PneumoError(f"--set {item!r} is not KEY=VALUE")
-        node = extra
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        dotted[key] = yaml.safe_load(value)
+    extra = nest_dotted(dotted)
     # Create the tracking database once, before parallel experiments race to migrate it.
     tracking.configure(params.tracking)
     done = experiments.queue_and_run(chosen, jobs=jobs, prefix=prefix, extra=extra)
@@ -611,3 +610,85 @@ def report(ctx: click.Context, names: tuple[str, ...], prefix: str, output: Path
         paths.EXPERIMENTS_MD.write_text(markdown)
         update_readme_block(paths.README, markdown, name="experiments")
     click.echo(markdown)
+
+
+@main.command()
+@click.argument("search_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--trials", type=click.IntRange(min=1), default=None,
+    help="The study's budget: workers sharing the study stop once it holds this many trials.",
+)  # fmt: skip
+@click.option(
+    "--timeout", type=click.FloatRange(min=0), default=None,
+    help="This worker starts no trial after SECONDS.",
+)  # fmt: skip
+@click.option(
+    "--storage", default=None,
+    help="Optuna storage URL [default: sqlite:///<repo>/optuna.db]; workers on several machines "
+    "share a study through the team's postgresql://…/optuna (scripts/team-server).",
+)  # fmt: skip
+@click.option("--study", "study_name", default=None, help="[default: the search file's name]")
+@click.option(
+    "--report", is_flag=True,
+    help="Write reports/tune/<study>/ from the study as it stands (trials write it too).",
+)  # fmt: skip
+@click.option(
+    "--apply", is_flag=True,
+    help="Write the best trial as configs/approaches/tuned-<study>.yaml and print the "
+    "`dvc exp run` that takes it through the pipeline.",
+)  # fmt: skip
+@click.pass_context
+@_friendly
+@_clean_stop
+def tune(
+    ctx: click.Context,
+    search_file: Path,
+    trials: int | None,
+    timeout: float | None,
+    storage: str | None,
+    study_name: str | None,
+    report: bool,
+    apply: bool,
+) -> None:
+    """Search hyperparameters with Optuna (SEARCH_FILE: configs/search/*.yaml): every trial a
+    nested MLflow run, pruned on its per-epoch validation metric; start more workers with the
+    same command to share the study."""
+    from pneumo.config import load_yaml
+    from pneumo.mlops import tune as tuning
+    from pneumo.mlops import tune_report
+    from pneumo.mlops.search import load_search
+
+    if trials is None and timeout is None and not (report or apply):
+        raise PneumoError(
+            "nothing to do: --trials N and/or --timeout SECONDS run trials; --report and "
+            "--apply use the study's results"
+        )
+    params, base = _params(ctx), load_yaml(ctx.obj["params"])
+    search = load_search(search_file, base)
+    name = tuning.check_study_name(study_name or search_file.stem)
+    storage = storage or tuning.default_storage()
+    runs_trials = trials is not None or timeout is not None
+    if runs_trials:
+        tuning.check_can_train(params)
+    study, created = tuning.open_study(name, storage, search)
+    parent_run = None
+    if runs_trials:
+        from pneumo.platforms import prepare_kernels
+
+        prepare_kernels(params.train.deterministic)  # before torch loads
+        worker = tuning.run_trials(
+            study, created, search, (search_file, storage), base, params, (trials, timeout),
+        )  # fmt: skip
+        parent_run = worker.parent_run
+    if runs_trials or report:
+        folder = tune_report.publish(study, search, parent_run)
+        click.echo(f"study {name}: report in {folder}", err=True)
+    if apply:
+        file, command = tune_report.apply_best(study, search)
+        click.echo(f"wrote {file}; run it through the pipeline with `pneumo approaches "
+                   f"{file.stem}`, or:", err=True)  # fmt: skip
+        # -S values hold Hydra's single quotes: double quotes read better in a shell
+        click.echo(" ".join(
+            f'"{part}"' if "'" in part and not set('"$`\\!') & set(part) else shlex.quote(part)
+            for part in command
+        ))  # fmt: skip

@@ -462,6 +462,29 @@ def load_params(path: str | Path = paths.PARAMS) -> Params:
     return parse_params(raw)
 
 
+def merge_mappings(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` laid over ``base``, section by section (neither is modified)."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merged[key] = merge_mappings(base[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def nest_dotted(flat: dict[str, Any]) -> dict[str, Any]:
+    """Dotted keys → nested mapping (``{"loss.gamma": 2}`` → ``{"loss": {"gamma": 2}}``)."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
 def flatten_mapping(mapping: dict[str, Any]) -> dict[str, Any]:
     """Nested mapping → dotted keys (``{"loss": {"gamma": 2}}`` → ``{"loss.gamma": 2}``)."""
     flat: dict[str, Any] = {}

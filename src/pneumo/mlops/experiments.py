@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pneumo import paths
-from pneumo.config import flatten_mapping, load_yaml, parse_params
+from pneumo.config import flatten_mapping, load_yaml, merge_mappings, parse_params
 from pneumo.errors import UserError
 from pneumo.markdown import TABLE_METRICS, describe_data, format_metric
 
@@ -35,16 +35,6 @@ class ExperimentError(UserError):
     """An approach is invalid or an experiment failed."""
 
 
-def _merge(base: dict, override: dict) -> dict:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            merged[key] = _merge(base[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def load_approach(name: str, folder: Path = APPROACHES_DIR) -> dict:
     file = folder / f"{name}.yaml"
     if not file.is_file():
@@ -52,13 +42,13 @@ def load_approach(name: str, folder: Path = APPROACHES_DIR) -> dict:
         raise ExperimentError(f"no approach {name!r} in {folder}; known: {known}")
     overrides = load_yaml(file) or {}
     parent = overrides.pop("base", None)
-    return _merge(load_approach(parent, folder), overrides) if parent else overrides
+    return merge_mappings(load_approach(parent, folder), overrides) if parent else overrides
 
 
 def set_param_args(overrides: dict, params_file: Path = paths.PARAMS) -> list[str]:
     """``-S key=value`` arguments, after checking the merged params are valid."""
     base = load_yaml(params_file)
-    parse_params(_merge(base, overrides))  # fail now, not inside a queued experiment
+    parse_params(merge_mappings(base, overrides))  # fail now, not inside a queued experiment
     args: list[str] = []
     for key, value in flatten_mapping(overrides).items():
         args += ["-S", f"{key}={_hydra_value(value)}"]
@@ -112,7 +102,7 @@ def queue_and_run(
     queued = []
     for name in names:
         exp_name = f"{prefix}{name}"
-        args = set_param_args(_merge(load_approach(name), extra or {}))
+        args = set_param_args(merge_mappings(load_approach(name), extra or {}))
         _dvc("exp", "run", "--queue", "-n", exp_name, *args)
         queued.append(exp_name)
         log.info("queued %s", exp_name)
@@ -261,7 +251,8 @@ def render_report(report: dict) -> str:
     resnet = [r for r in report["rows"] if r["backbone"] == "resnet50"]
     order = {name: i for i, name in enumerate(APPROACH_ORDER)}
     resnet.sort(key=lambda r: order.get(r["approach"], len(order)))
-    finals = [r for r in report["rows"] if r["approach"].startswith("final")]
+    # `pneumo tune --apply` writes tuned-<study>: a recipe to hold against the final one
+    finals = [r for r in report["rows"] if r["approach"].startswith(("final", "tuned-"))]
     finals.sort(key=lambda r: (r["approach"], r["backbone"]))
     lines = [
         f"Data: {report['data']}. Test images: {n_test}. Settings: {settings['image_size']} px, "

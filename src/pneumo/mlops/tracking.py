@@ -254,7 +254,7 @@ def process_tags() -> dict[str, str]:
     return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
 
 
-def _process_alive(tags: dict[str, str]) -> bool | None:
+def process_alive(tags: dict[str, str]) -> bool | None:
     """Whether the process that owns a run still runs; None when this host cannot tell (a run
     of another host, or one logged before runs carried the tags). A zombie (killed, not yet
     reaped by its parent) counts as gone."""
@@ -325,7 +325,7 @@ def close_abandoned_runs(experiment_id: str, stage: str, closed_by: str) -> list
         abandoned = [
             run.info.run_id
             for run in running
-            if run.info.run_id != closed_by and _process_alive(run.data.tags) is False
+            if run.info.run_id != closed_by and process_alive(run.data.tags) is False
         ]
         for run_id in abandoned:
             close_run(run_id, status="KILLED", closed_by=closed_by)
@@ -371,7 +371,7 @@ def close_run(run_id: str, *, status: str, closed_by: str) -> None:
         return
     if run.info.status != "RUNNING":
         return
-    if _process_alive(run.data.tags):
+    if process_alive(run.data.tags):
         log.warning(
             "MLflow run %s is RUNNING in process %s on this host: left open",
             run_id, run.data.tags[PID_TAG],
@@ -411,10 +411,49 @@ def training_run_of(checkpoint: Path) -> str | None:
     return json.loads(index.read_text())["mlflow_run_id"]
 
 
-def log_params(params: dict[str, Any]) -> None:
+def create_run(config: TrackingConfig, *, run_name: str, tags: dict[str, str]) -> str:
+    """A run that no process holds as its active run (e.g. a study that several workers share,
+    each logging into it by id); it stays RUNNING until :func:`set_status` ends it."""
     import mlflow
 
-    with_retries(lambda: mlflow.log_params(params))
+    experiment_id = configure(config)
+    client = mlflow.MlflowClient()
+    run = with_retries(lambda: client.create_run(experiment_id, tags=tags, run_name=run_name))
+    return run.info.run_id
+
+
+def run_status(run_id: str) -> str:
+    import mlflow
+
+    return with_retries(lambda: mlflow.MlflowClient().get_run(run_id)).info.status
+
+
+def set_status(run_id: str, status: str) -> None:
+    """RUNNING, or an end: FINISHED, FAILED, KILLED."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    if status == "RUNNING":
+        with_retries(lambda: client.update_run(run_id, status=status))
+    else:
+        with_retries(lambda: client.set_terminated(run_id, status))
+
+
+def set_tags(tags: dict[str, str], *, run_id: str | None = None) -> None:
+    import mlflow
+
+    if run_id is None:
+        with_retries(lambda: mlflow.set_tags(tags))
+        return
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        with_retries(lambda k=key, v=value: client.set_tag(run_id, k, v))
+
+
+def log_params(params: dict[str, Any], *, run_id: str | None = None) -> None:
+    import mlflow
+
+    with_retries(lambda: mlflow.log_params(params, run_id=run_id))
 
 
 def log_metrics(
