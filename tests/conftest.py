@@ -178,7 +178,7 @@ TINY_SEARCH = {
     "sampler": {"name": "random", "seed": 0},
     "pruner": {"name": "threshold", "threshold": -1.0, "warmup_epochs": 1},
     "space": {
-        "train.epochs": {"choices": [1, 2]},
+        "train.epochs": {"choices": [1, 2, 3]},
         "train.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
         "model.dropout": {"low": 0.1, "high": 0.5},
     },

@@ -77,8 +77,9 @@ class PrunerConfig(Section):
     """``median``: stop a trial whose epoch is worse than the median of earlier trials at the
     same epoch; ``hyperband``; ``threshold``: stop one worse than ``threshold`` (a validation
     AUC below it, a validation loss above it); ``none``. Every trial runs ``warmup_epochs``
-    epochs before it may be stopped (median and threshold), and with median the first
-    ``startup_trials`` trials run to the end."""
+    epochs before it may be stopped (median and threshold), none is stopped after its last
+    epoch (it has finished), and with median the first ``startup_trials`` trials run to the
+    end."""
 
     name: Literal["median", "hyperband", "threshold", "none"] = "median"
     startup_trials: NonNegativeInt = 2

@@ -280,7 +280,8 @@ class Worker:
             epoch = int(stats["epoch"])
             tracking.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=epoch)
             trial.report(stats[objective], epoch)
-            if trial.should_prune():
+            # Pruning after the last epoch would save nothing and lose a finished trial's value
+            if epoch < params.train.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {epoch}: {objective} {stats[objective]:.4f}")
 
         pruned: optuna.TrialPruned | None = None
