@@ -30,7 +30,7 @@ BASE = load_yaml(REPO_ROOT / "params.yaml")
 
 def _search_file(folder: Path, search: dict, name: str = "search") -> Path:
     file = folder / f"{name}.yaml"
-    file.write_text(yaml.safe_dump(search))
+    file.write_text(yaml.safe_dump(search, sort_keys=False))  # the space is drawn in order
     return file
 
 
@@ -57,6 +57,12 @@ def _with(**changes) -> dict:
         (_with(pruner={"name": "threshold"}), "threshold is needed"),
         (_with(space={}), "space"),
         (_with(spaces={"train.lr": {"choices": [0.1]}}), "spaces"),
+        (_with(space={"loss.gamma": {"low": 1, "high": 2, "when": {"loss.name": "focal"}},
+                      "loss.name": {"choices": ["focal", "bce"]}}),
+         "space.loss.gamma.when.loss.name: a condition names a key with choices listed above"),
+        (_with(space={"loss.name": {"choices": ["focal", "bce"]},
+                      "loss.gamma": {"low": 1, "high": 2, "when": {"loss.name": "focl"}}}),
+         "space.loss.gamma.when.loss.name: ['focl'] not among its choices"),
     ],
 )  # fmt: skip
 def test_an_invalid_search_fails_before_any_trial_naming_the_key(
@@ -91,6 +97,31 @@ def test_trials_draw_typed_values_that_pass_params_validation(tmp_path: Path):
         assert params.augment.rotation == drawn["augment.rotation"]
         assert params.train.lr == drawn["train.lr"]
         assert params.train.epochs == BASE["train"]["epochs"]
+
+
+def test_a_conditional_key_is_drawn_only_when_its_condition_holds(tmp_path: Path):
+    search = load_search(
+        _search_file(tmp_path, _with(space={
+            "loss.name": {"choices": ["focal", "bce"]},
+            "loss.gamma": {"low": 1.0, "high": 3.0, "when": {"loss.name": "focal"}},
+            "train.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
+        })), BASE,
+    )  # fmt: skip
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for value in range(12):
+        trial = study.ask()
+        drawn = suggest(trial, search)
+        assert ("loss.gamma" in drawn) == (drawn["loss.name"] == "focal")
+        study.tell(trial, float(value))
+    assert {t.params["loss.name"] for t in study.trials} == {"focal", "bce"}
+    # Nothing credits a value a trial did not read: not the report's importances, not the winner
+    tune_report.write_report(study, search, tmp_path / "report")
+    summary = (tmp_path / "report/summary.md").read_text()
+    importances = next(line for line in summary.splitlines() if line.startswith("Parameter imp"))
+    assert "loss.name" in importances and "loss.gamma" not in importances
+    assert "| bce | – |" in summary
+    bce = next(t for t in study.trials if t.params["loss.name"] == "bce")
+    assert "gamma" not in approach_overrides(search, bce.params, "resnet50")["loss"]
 
 
 def test_killed_workers_trials_do_not_use_the_budget():

@@ -41,11 +41,23 @@ NonNegativeInt = Annotated[Int, Field(ge=0)]
 OBJECTIVES = {"val_auc": "maximize", "val_loss": "minimize"}  # validation only, never test
 
 
-class Choices(Section):
+class Dimension(Section):
+    """One searched key. ``when`` makes it conditional: drawn only in trials whose earlier
+    choices match (``{loss.name: focal}``, or a list of values), so a value the trial would not
+    read (focal's gamma under bce) is neither drawn, nor credited with an importance, nor
+    written into the winner."""
+
+    when: dict[str, Any] = {}
+
+    def applies(self, drawn: dict[str, Any]) -> bool:
+        return all(drawn.get(key) in _as_list(values) for key, values in self.when.items())
+
+
+class Choices(Dimension):
     choices: list[Any] = Field(min_length=1)
 
 
-class Range(Section):
+class Range(Dimension):
     """Integers when both ends are integers (and ``step`` too, if given), else floats."""
 
     low: StrictInt | Real
@@ -133,6 +145,7 @@ def load_search(path: Path, base: dict[str, Any]) -> SearchConfig:
     for section, keys in (("params", search.params), ("space", search.space)):
         for key in keys:
             _check_key(path, section, key, known)
+    _check_conditions(path, search.space)
     trial_params(base, search, {})  # the fixed params alone
     for key, dimension in search.space.items():
         values = (
@@ -167,6 +180,28 @@ def _check_key(path: Path, section: str, key: str, known: set[str]) -> None:
         )
 
 
+def _check_conditions(path: Path, space: dict[str, Choices | Range]) -> None:
+    """A ``when`` names a choice drawn before its key, with values among that choice's."""
+    keys = list(space)
+    for key, dimension in space.items():
+        for condition, values in dimension.when.items():
+            earlier = space.get(condition)
+            if not isinstance(earlier, Choices) or keys.index(condition) > keys.index(key):
+                raise SearchError(
+                    f"{path}: space.{key}.when.{condition}: a condition names a key with "
+                    "choices listed above it in space"
+                )
+            if unknown := [v for v in _as_list(values) if v not in earlier.choices]:
+                raise SearchError(
+                    f"{path}: space.{key}.when.{condition}: {unknown} not among its choices "
+                    f"{earlier.choices}"
+                )
+
+
+def _as_list(values: Any) -> list[Any]:
+    return values if isinstance(values, list) else [values]
+
+
 def trial_params(base: dict[str, Any], search: SearchConfig, drawn: dict[str, Any]) -> Params:
     """params.yaml with the search's fixed params and one trial's drawn values, validated."""
     values = search.params | {k: v for k, v in drawn.items() if k != BACKBONE}
@@ -182,9 +217,11 @@ def backbone_of(params: Params, drawn: dict[str, Any]) -> str:
 
 
 def suggest(trial: Any, search: SearchConfig) -> dict[str, Any]:
-    """One value per searched key, drawn by an Optuna trial."""
+    """One value per searched key whose ``when`` holds, drawn by an Optuna trial."""
     drawn: dict[str, Any] = {}
     for key, dimension in search.space.items():
+        if not dimension.applies(drawn):
+            continue
         if isinstance(dimension, Choices):
             drawn[key] = trial.suggest_categorical(key, dimension.choices)
         elif dimension.integer:

@@ -4,6 +4,7 @@ ones) and its best trial as an approach that runs through the whole pipeline."""
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +53,9 @@ def write_report(study: optuna.Study, search: SearchConfig, folder: Path) -> lis
             s, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
         )
     for file, plot in plots.items():
-        figure = plot(study).figure
+        with warnings.catch_warnings():  # Optuna marks its matplotlib figures experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            figure = plot(study).figure
         figure.set_size_inches(8, 4.5)
         figure.savefig(folder / file, dpi=100, bbox_inches="tight")
         plt.close(figure)
@@ -103,6 +106,8 @@ def _summary(study: optuna.Study, search: SearchConfig, importances: dict[str, f
 
 
 def _cell(value: Any) -> str:
+    if value is None:
+        return "–"  # a conditional key this trial did not draw
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
