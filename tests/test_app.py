@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -113,3 +114,54 @@ def test_a_file_name_in_any_script_and_a_body_without_length_are_answered(app_ur
         urllib.request.urlopen(request, timeout=30)
     assert refused.value.code == 411
     assert "Content-Length" in json.loads(refused.value.read())["error"]
+
+
+# Root runs Chromium without its sandbox; no GPU, no network services that could stall a test
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+def test_in_a_browser_an_upload_shows_the_answer_and_a_wrong_file_its_message(
+    app_url, tiny_project, tmp_path
+):
+    """Debian's Chromium, headless, driven by Playwright: what a user sees on the page. The
+    screenshots stay in the test's folder (docs/img/app.png is one of them)."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("needs Debian's chromium: apt-get install chromium (.ci/run installs it)")
+    from playwright.sync_api import expect, sync_playwright
+
+    predictions = pd.read_csv(tiny_project / "reports/eval/resnet50/predictions.csv")
+    expected = predictions[predictions.label == "PNEUMONIA"].iloc[0]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1000, "height": 900})
+        page.goto(app_url)
+        expect(page.locator("#notice")).to_have_text(RESEARCH_ONLY)
+        expect(page.locator("#model")).to_have_text(
+            re.compile(r"^Model: resnet50 \(resnet50, \d+ px, torch\)$")
+        )
+
+        page.set_input_files("#file", tiny_project / "data/raw" / expected.image)
+        page.click("button[type=submit]")
+        expect(page.locator("#result .answer")).to_have_text(
+            re.compile("^(NORMAL|PNEUMONIA|REFER: .*)$"), timeout=60_000
+        )
+        shown = page.locator("#result dd").first.inner_text()
+        assert float(shown.split()[0]) == pytest.approx(expected.probability, abs=1e-3 / 2)
+        figure = page.locator("#result img")
+        expect(figure).to_be_visible()
+        assert figure.evaluate("image => image.complete && image.naturalWidth > 0")
+        page.screenshot(path=tmp_path / "answer.png", full_page=True)
+
+        page.set_input_files(
+            "#file", files=[{"name": "notes.pdf", "mimeType": "application/pdf",
+                             "buffer": b"%PDF-1.4 not an image"}],
+        )  # fmt: skip
+        page.click("button[type=submit]")
+        expect(page.locator("#result .error")).to_have_text(
+            re.compile("^notes.pdf is not an image pneumo can read")
+        )
+        expect(page.locator("#result .answer")).to_have_count(0)
+        page.screenshot(path=tmp_path / "error.png", full_page=True)
+        browser.close()
+    assert (tmp_path / "answer.png").stat().st_size > 10_000
