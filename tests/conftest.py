@@ -132,6 +132,28 @@ def expected_answers(predictions) -> list[str | None]:
     ]
 
 
+def assert_calibrated_close(folder: Path, got, expected, tolerance: float) -> None:
+    """``got``: another runtime's (or another batch's) calibrated probabilities for the rows of
+    evaluate's predictions.csv ``expected``. Each must lie where the folder's calibration map
+    sends evaluate's raw TTA mean moved by ``tolerance`` either way. The map is monotone, but a
+    steep isotonic step turned a raw difference of 1.8e-5 into 1.8e-4 under AVX2 kernels, so
+    calibrated values are not held to the raw tolerance: that held on one CPU's last bits only."""
+    from pneumo.core.calibration import apply
+    from pneumo.records import InferenceSettings
+
+    calibration = InferenceSettings.read(folder).calibration
+    raw = expected.filter(regex="^p_").to_numpy().mean(axis=1)
+    ends = np.stack([apply(calibration, np.clip(raw + shift, 0.0, 1.0))
+                     for shift in (-tolerance, tolerance)])  # fmt: skip
+    got = np.asarray(got, dtype=np.float64)
+    slack = 1e-6  # evaluate's raw mean was taken in float32
+    outside = (got < ends.min(axis=0) - slack) | (got > ends.max(axis=0) + slack)
+    assert not outside.any(), (
+        f"{outside.sum()} probabilities off: {got[outside]} not in "
+        f"{list(zip(ends.min(axis=0)[outside], ends.max(axis=0)[outside], strict=True))}"
+    )
+
+
 def _run_stages(*commands: tuple[str, ...]) -> None:
     for command in commands:
         result = run_cli(*command)

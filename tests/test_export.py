@@ -21,7 +21,14 @@ from pneumo.core.export import PARITY_TOLERANCE, export_folder, parity_images
 from pneumo.core.inference import TorchClassifier
 from pneumo.core.runtime import IntegrityError, ModelFolderError, OnnxClassifier, load_classifier
 from pneumo.records import Exported, InferenceSettings
-from tests.conftest import REPO_ROOT, answers, expected_answers, run_cli, tool_env
+from tests.conftest import (
+    REPO_ROOT,
+    answers,
+    assert_calibrated_close,
+    expected_answers,
+    run_cli,
+    tool_env,
+)
 
 
 def _test_split(project: Path) -> np.ndarray:
@@ -220,7 +227,7 @@ def test_the_runtime_extra_installs_without_torch_and_answers_as_evaluate(tiny_p
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     predicted = pd.read_csv(StringIO(result.stdout))
-    np.testing.assert_allclose(predicted.probability, expected.probability, atol=PARITY_TOLERANCE)
+    assert_calibrated_close(Path(model), predicted.probability, expected, PARITY_TOLERANCE)
     assert answers(predicted.label) == expected_answers(expected)
 
     needs = subprocess.run(

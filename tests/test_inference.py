@@ -22,7 +22,15 @@ from pneumo.core.inference import TorchClassifier as Classifier
 from pneumo.core.runtime import IntegrityError, ModelFolderError
 from pneumo.mlops.predict import COLUMNS
 from pneumo.records import InferenceSettings, InputGate, Referral
-from tests.conftest import answers, expected_answers, jpeg_bytes, run_cli, tool_env, write_tree
+from tests.conftest import (
+    answers,
+    assert_calibrated_close,
+    expected_answers,
+    jpeg_bytes,
+    run_cli,
+    tool_env,
+    write_tree,
+)
 
 
 def _symmetric_image() -> torch.Tensor:
@@ -132,7 +140,7 @@ def test_a_copied_model_folder_predicts_what_evaluate_did(
     assert result.returncode == 0, result.stderr
     predicted = pd.read_csv(StringIO(result.stdout))
     assert list(predicted.file) == list(expected.file)
-    np.testing.assert_allclose(predicted.probability, expected.probability, atol=tolerance)
+    assert_calibrated_close(copy, predicted.probability, expected, tolerance)
     assert answers(predicted.label) == expected_answers(expected)
 
 
