@@ -22,9 +22,9 @@ from pneumo.core.inference import TorchClassifier
 from pneumo.core.runtime import IntegrityError, ModelFolderError, OnnxClassifier, load_classifier
 from pneumo.records import Exported, InferenceSettings
 from tests.conftest import (
-    REPO_ROOT,
     answers,
     assert_calibrated_close,
+    copy_repository,
     expected_answers,
     run_cli,
     tool_env,
@@ -205,8 +205,9 @@ def test_the_runtime_extra_installs_without_torch_and_answers_as_evaluate(tiny_p
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     bin_dir = env_dir / "bin"
+    source = copy_repository(tmp_path / "source")  # pip builds in the source tree (build/)
     install = subprocess.run(
-        [bin_dir / "pip", "install", "--quiet", "--progress-bar", "off", f"{REPO_ROOT}[runtime]"],
+        [bin_dir / "pip", "install", "--quiet", "--progress-bar", "off", f"{source}[runtime]"],
         capture_output=True, text=True, cwd=tmp_path, env=tool_env(),
     )  # fmt: skip
     assert install.returncode == 0, install.stderr[-2000:]
