@@ -26,6 +26,7 @@ from packaging.requirements import Requirement
 from pneumo.core.inference import SHIPPED_MODULES
 from pneumo.core.runtime import IntegrityError
 from pneumo.files import sha256_of
+from pneumo.mlops.registered import MANIFEST_TAG
 from tests.conftest import (
     BATCH_TOLERANCE,
     answers,
@@ -184,6 +185,75 @@ def test_tampered_weights_in_the_artifact_store_are_refused(champion_dir):
     (folder / "inference.json").write_text(json.dumps(settings))
     with pytest.raises(IntegrityError, match="the registration recorded"):
         mlflow.pyfunc.load_model(str(champion_dir))
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _append_a_line(path: Path) -> None:
+    path.write_text(path.read_text() + "\nraise SystemExit('changed code ran')\n")
+
+
+@pytest.mark.parametrize(
+    ("file", "change", "problem"),
+    [
+        ("code/pneumo/core/runtime.py", _append_a_line, "has SHA-256"),
+        ("serving.py", _append_a_line, "has SHA-256"),
+        ("MLmodel", _append_a_line, "has SHA-256"),
+        ("artifacts/*/model.pt", _flip_a_byte, "has SHA-256"),
+        ("artifacts/*/model.onnx", _flip_a_byte, "has SHA-256"),
+        ("code/pneumo/core/models.py", Path.unlink, "is missing from the artifact store"),
+        (
+            "code/pneumo/sitecustomize.py",
+            lambda p: p.write_text("import os"),
+            "is in the artifact store but was not registered",
+        ),
+    ],
+    ids=["shipped-module", "serving", "mlmodel", "weights", "onnx", "deleted", "added"],
+)
+def test_a_changed_file_in_the_artifact_store_is_refused_before_it_loads(
+    registered, monkeypatch, file, change, problem
+):
+    """Every file of the registered version is pinned by the tag recorded at registration;
+    `pneumo predict` refuses, naming the file, before MLflow reads any of them."""
+    monkeypatch.chdir(registered)
+    mlflow.set_tracking_uri(store_uri(registered))
+    store = Path(mlflow.artifacts.download_artifacts(CHAMPION))  # the local store itself
+    target = next(store.glob(file), store / file)
+    original = target.read_bytes() if target.exists() else None
+    change(target)
+    try:
+        result = run_cli("predict", str(_test_image(registered)))
+    finally:
+        if original is None:
+            target.unlink()
+        else:
+            target.write_bytes(original)
+    assert result.exit_code == 1
+    name = target.relative_to(store).as_posix()
+    version = mlflow.MlflowClient().get_model_version_by_alias(NAME, "champion").version
+    assert f"Error: {NAME} version {version}: {name} {problem}" in result.output
+    assert result.output.rstrip().endswith("refusing to load it")
+    assert "changed code ran" not in result.output
+    assert run_cli("predict", str(_test_image(registered))).exit_code == 0  # restored
+
+
+def test_a_version_registered_without_a_manifest_is_refused_until_register_records_one(
+    registered, monkeypatch
+):
+    monkeypatch.chdir(registered)
+    client = mlflow.MlflowClient(store_uri(registered))
+    version = client.get_model_version_by_alias(NAME, "champion").version
+    recorded = client.get_model_version(NAME, version).tags[MANIFEST_TAG]
+    client.delete_model_version_tag(NAME, version, MANIFEST_TAG)
+    refused = run_cli("predict", str(_test_image(registered)))
+    assert refused.exit_code == 1 and "has no artifact_sha256 tag" in refused.output
+    assert run_cli("register").exit_code == 0
+    assert client.get_model_version(NAME, version).tags[MANIFEST_TAG] == recorded
+    assert run_cli("predict", str(_test_image(registered))).exit_code == 0
 
 
 def test_predict_from_the_registry_matches_the_model_folder(registered, monkeypatch):

@@ -47,15 +47,11 @@ def identify(model: str) -> ModelIdentity:
     ``models:/name/version``)."""
     if not model.startswith("models:/"):
         return ModelIdentity(model, Path(model).name, None, None)
-    from mlflow import MlflowClient
+    from pneumo.mlops.registered import resolve
 
-    reference = model.removeprefix("models:/")
-    if "@" in reference:
-        name, alias = reference.split("@", 1)
-        version = MlflowClient().get_model_version_by_alias(name, alias).version
-        return ModelIdentity(model, name, str(version), alias)
-    name, _, version = reference.partition("/")
-    return ModelIdentity(model, name, version or None, None)
+    version = resolve(model)
+    alias = model.split("@", 1)[1] if "@" in model else None
+    return ModelIdentity(model, version.name, str(version.version), alias)
 
 
 class Answerer:

@@ -72,15 +72,14 @@ def load_classifier(
         return load_folder(Path(model), runtime, device, quick_start=quick_start)
     import mlflow
 
-    from pneumo.mlops import tracking
+    from pneumo.mlops import registered, tracking
 
     settings = params()
     tracking.configure(settings.tracking)
     uri = model or f"models:/{settings.registry.model_name}@champion"
     try:
-        loaded = mlflow.pyfunc.load_model(
-            uri, model_config={"inference_device": device, "runtime": runtime}
-        )
+        # Its files are checked against the registration before MLflow imports any of them
+        loaded = registered.load(uri, {"inference_device": device, "runtime": runtime})
     except mlflow.exceptions.MlflowException as exc:
         raise PredictError(
             f"cannot load {uri} from {mlflow.get_tracking_uri()}: {exc.message}. "

@@ -33,7 +33,7 @@ import pneumo
 from pneumo.config import Params
 from pneumo.core.inference import MODEL_ARTIFACT, SHIPPED_MODULES, verified_settings
 from pneumo.core.metrics import MetricsError, delong_interval
-from pneumo.mlops import tracking
+from pneumo.mlops import registered, tracking
 from pneumo.records import Evaluation, InferenceSettings, ModelCard, ModelCardDocument
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,12 @@ def register(params: Params, backbone: str, model_dir: Path, eval_dir: Path, raw
                         name, existing.version, k, v
                     )
                 )
+        if registered.MANIFEST_TAG not in existing.tags:  # registered before manifests
+            files = mlflow.artifacts.download_artifacts(f"models:/{name}/{existing.version}")
+            tracking.with_retries(lambda: client.set_model_version_tag(
+                name, existing.version, registered.MANIFEST_TAG,
+                registered.manifest_tag(Path(files)),
+            ))  # fmt: skip
         log.info("%s is already %s version %s: reused", backbone, name, existing.version)
         return str(existing.version)
     run_id = _logging_run(params, backbone, model_dir, evaluation.data_hash, weights_sha256)
@@ -199,6 +205,9 @@ def register(params: Params, backbone: str, model_dir: Path, eval_dir: Path, raw
                 pip_requirements=requirements(),
             )
         )
+    # What was logged, as the store holds it, pinned in the tracking database
+    logged = Path(mlflow.artifacts.download_artifacts(info.model_uri))
+    tags[registered.MANIFEST_TAG] = registered.manifest_tag(logged)
     created = tracking.with_retries(lambda: mlflow.register_model(info.model_uri, name, tags=tags))
     # The model card; a kill before this line leaves a version the next run finds and fills.
     tracking.with_retries(lambda: client.update_model_version(name, created.version, description))
