@@ -241,6 +241,22 @@ def test_a_changed_file_in_the_artifact_store_is_refused_before_it_loads(
     assert run_cli("predict", str(_test_image(registered))).exit_code == 0  # restored
 
 
+def test_bytecode_beside_the_shipped_modules_is_left_behind(registered, monkeypatch):
+    """Python writes __pycache__ into the store when `mlflow models serve` imports the shipped
+    modules from it. Not registered, it is not copied out, so it neither loads nor blocks."""
+    monkeypatch.chdir(registered)
+    mlflow.set_tracking_uri(store_uri(registered))
+    store = Path(mlflow.artifacts.download_artifacts(CHAMPION))
+    planted = store / "code/pneumo/core/__pycache__/runtime.cpython-311.pyc"
+    planted.parent.mkdir(exist_ok=True)
+    planted.write_bytes(b"not bytecode: importing it would fail")
+    try:
+        result = run_cli("predict", str(_test_image(registered)))
+    finally:
+        shutil.rmtree(planted.parent)
+    assert result.exit_code == 0, result.output
+
+
 def test_a_version_registered_without_a_manifest_is_refused_until_register_records_one(
     registered, monkeypatch
 ):
