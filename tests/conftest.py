@@ -315,14 +315,14 @@ def _overlay(base: dict, changes: dict) -> dict:
     }
 
 
-def tiny_repository(dest: Path) -> Path:
-    """:func:`copy_repository` with TINY_PARAMS (one backbone, one epoch) laid over its
-    params.yaml and committed: a DVC project whose `dvc repro` takes about half a minute, and
-    where `dvc exp run -S` finds every key of the full file."""
+def tiny_repository(dest: Path, backbones: tuple[str, ...] = ("resnet50",)) -> Path:
+    """:func:`copy_repository` with TINY_PARAMS (one epoch; one backbone unless told) laid over
+    its params.yaml and committed: a DVC project whose `dvc repro` takes about 45 s with one
+    backbone, and where `dvc exp run -S` finds every key of the full file."""
     import yaml
 
     copy_repository(dest)
-    tiny = _overlay(TINY_PARAMS, {"backbones": ["resnet50"], "train": {"epochs": 1}})
+    tiny = _overlay(TINY_PARAMS, {"backbones": list(backbones), "train": {"epochs": 1}})
     raw = _overlay(yaml.safe_load((dest / "params.yaml").read_text()), tiny)
     (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     subprocess.run(
@@ -336,10 +336,20 @@ def tiny_repository(dest: Path) -> Path:
 @pytest.fixture(scope="session")
 def reproduced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A copy of the repository after `dvc repro` on the embedded default, and what `dvc repro`
-    printed (about two minutes: run once per session). Tests that change its workspace or git
-    history work on their own copy of it (``shutil.copytree(root, …, symlinks=True)``)."""
+    printed (about four minutes here: run once per session, by tests/test_pipeline.py alone,
+    whose tests change its workspace and store in turn)."""
     root = copy_repository(tmp_path_factory.mktemp("clone") / "pneumo")
     return root, run_tool("dvc", "repro", cwd=root)
+
+
+@pytest.fixture(scope="session")
+def tiny_reproduced(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A :func:`tiny_repository` with TINY_PARAMS' two backbones after `dvc repro` (about a
+    minute): for what DVC and MLflow do across repros, clones and remotes, which does not
+    depend on the size of the sample. Tests copy it (``shutil.copytree(…, symlinks=True)``)."""
+    root = tiny_repository(tmp_path_factory.mktemp("tiny") / "pneumo", TINY_PARAMS["backbones"])
+    run_tool("dvc", "repro", cwd=root)
+    return root
 
 
 def free_port() -> int:

@@ -14,6 +14,7 @@ from tests.conftest import (
 
 
 @pytest.mark.slow
+@pytest.mark.scenario
 def test_torchrun_with_two_cpu_processes_trains_and_writes_once(tiny_project, tmp_path):
     import shutil
 

@@ -176,6 +176,7 @@ def test_readme_experiments_block_equals_the_committed_report():
 
 
 @pytest.mark.slow
+@pytest.mark.scenario
 @pytest.mark.timeout(900)  # ~1 min here; a queue that never drains fails long before CI's limit
 def test_two_queued_experiments_in_parallel_lose_no_mlflow_run(tmp_path):
     root = tiny_repository(tmp_path / "repo")

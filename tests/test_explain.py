@@ -177,6 +177,7 @@ def _train_lesion_detector(seed: int) -> PneumoniaNet:
 
 
 @pytest.mark.slow
+@pytest.mark.scenario
 def test_the_map_follows_a_lesion_a_trained_model_has_learned_to_find():
     model = _train_lesion_detector(seed=0)
     held_out, labels = _lesion_data(seed=100, count=200)

@@ -198,6 +198,7 @@ def test_predict_with_onnx_imports_no_torch(tiny_project, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.scenario
 def test_the_runtime_extra_installs_without_torch_and_answers_as_evaluate(tiny_project, tmp_path):
     """A venv with `pip install pneumo[runtime]` only: no torch in it, `pneumo predict` gives
     evaluate's probabilities within the export tolerance and the same answers, and a pipeline

@@ -15,7 +15,7 @@ import pytest
 from pneumo.mlops import tracking
 from tests.conftest import free_port, store_uri
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.scenario]
 
 
 def _call(base: str, path: str, body: dict | None = None) -> dict:

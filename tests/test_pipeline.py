@@ -1,18 +1,14 @@
 """End to end: `dvc repro` on the embedded default in a temporary copy of the repository
-(conftest's ``reproduced``), then promotion, prediction, plots, a `dvc exp run` with a bad
-value that stops before anything is removed, and, in a copy of that repository, an experiment
-that reruns only what it must into the copy's own store and a registration killed midway."""
+(conftest's ``reproduced``), then promotion, prediction, plots, and a `dvc exp run` with a bad
+value that stops before anything is removed. Experiments and killed registrations in copies of
+a reproduced repository: tests/test_pipeline_copy.py."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import signal
-import sqlite3
-import subprocess
 import sys
 import time
 from io import StringIO
@@ -33,7 +29,6 @@ from tests.conftest import (
     jpeg_bytes,
     run_tool,
     store_uri,
-    tool_env,
 )
 
 pytestmark = pytest.mark.slow
@@ -207,90 +202,3 @@ def test_a_bad_value_stops_before_anything_is_removed(reproduced):
     assert "gamma: -1" in (root / "params.yaml").read_text()
     assert "git checkout params.yaml" in output
     (root / "params.yaml").write_text(params)
-
-
-# --- in a copy: an experiment, and a registration killed midway ----------------------------
-
-
-def _files(folder: Path) -> dict[str, tuple[int, int]]:
-    return {
-        str(f.relative_to(folder)): (f.stat().st_size, f.stat().st_mtime_ns)
-        for f in folder.rglob("*")
-        if f.is_file()
-    }
-
-
-@pytest.fixture(scope="module")
-def copied(reproduced, tmp_path_factory) -> Path:
-    """The reproduced repository copied elsewhere, store and DVC cache included."""
-    root, _ = reproduced
-    copy = tmp_path_factory.mktemp("copied") / "pneumo"
-    shutil.copytree(root, copy, symlinks=True)
-    return copy
-
-
-def test_exp_run_in_a_copy_reruns_only_training_and_later_in_the_copys_store(reproduced, copied):
-    root, _ = reproduced
-    before = _files(root / "mlartifacts")
-    # One epoch: which stages rerun depends on what changed, not on how long they train.
-    output = run_tool(
-        "dvc", "exp", "run", "-S", "loss.gamma=2.0", "-S", "train.epochs=1", cwd=copied
-    )  # fmt: skip
-    later = {f"{stage}@{b}" for stage in ("train", "evaluate") for b in BACKBONES}
-    assert _ran_stages(output) == {"validate", *later, "compare", "readme", "register"}
-    name = re.search(r"Ran experiment\(s\): (\S+)", output)[1]
-    shown = run_tool("dvc", "exp", "show", "--json", cwd=copied)
-    assert name in shown and "roc_auc" in shown
-
-    # Logged in the copy's own store, nothing in the original's.
-    assert _files(root / "mlartifacts") == before
-    mlflow.set_tracking_uri(store_uri(copied))
-    runs = mlflow.search_runs(
-        experiment_names=["pneumo"], filter_string=f"tags.dvc_experiment = '{name}'",
-        output_format="list",
-    )  # fmt: skip
-    assert sorted(r.info.run_name for r in runs) == sorted(f"{name}-{b}" for b in BACKBONES)
-    assert {r.data.params["loss.gamma"] for r in runs} == {"2.0"}
-    for run in runs:
-        assert run.info.artifact_uri.startswith((copied / "mlartifacts").as_uri() + "/")
-    client = MlflowClient()
-    for version in client.search_model_versions("name='pneumo-classifier'"):
-        assert str(root) not in client.get_model_version_download_uri(
-            "pneumo-classifier", version.version
-        )
-
-
-def _versions(project: Path) -> int:
-    with sqlite3.connect(f"file:{project / 'mlflow.db'}?mode=ro", uri=True, timeout=30) as db:
-        return db.execute("SELECT count(*) FROM model_versions").fetchone()[0]
-
-
-def test_a_registration_killed_midway_is_finished_by_the_next_repro(copied):
-    """New thresholds give new model folders; the repro is killed after the first of them is
-    registered, and the next `dvc repro` registers the rest, each once."""
-    before = _versions(copied)
-    params = (copied / "params.yaml").read_text()
-    (copied / "params.yaml").write_text(params.replace("threshold: youden", "threshold: 0.5"))
-    env = tool_env()
-    repro = subprocess.Popen(
-        ["dvc", "repro"], cwd=copied, env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 600
-    while _versions(copied) == before and repro.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.killpg(repro.pid, signal.SIGKILL)
-    repro.wait()
-    assert _versions(copied) - before in (1, 2), "the kill came too late or too early"
-
-    output = run_tool("dvc", "repro", cwd=copied)
-    assert "register" in _ran_stages(output)
-    mlflow.set_tracking_uri(store_uri(copied))
-    versions = MlflowClient().search_model_versions("name='pneumo-classifier'")
-    assert len(versions) == before + len(BACKBONES)
-    keys = [v.tags["registration_key"] for v in versions]
-    assert len(set(keys)) == len(keys)
-    record = json.loads((copied / "reports/registry.json").read_text())
-    assert sorted(record["versions"]) == sorted(BACKBONES)
-    assert all(int(v) > before for v in record["versions"].values())
-    assert "Data and pipelines are up to date" in run_tool("dvc", "status", cwd=copied)

@@ -50,6 +50,7 @@ def _has_avx512() -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.scenario
 def test_portable_kernels_give_the_same_bits_under_two_instruction_sets(project_copy):
     """A machine with AVX-512 (and MKL free to use it) and one with AVX2 only: the portable
     kernels pin what differs, so both train the same weights."""
@@ -63,6 +64,7 @@ def test_portable_kernels_give_the_same_bits_under_two_instruction_sets(project_
 
 
 @pytest.mark.slow
+@pytest.mark.scenario
 def test_native_kernels_repeat_on_one_platform_and_differ_under_another(project_copy):
     """The simulation is real: the default kernels give other bits under the other
     instruction set (on a CPU that has both), and the same bits when nothing changes."""

@@ -139,6 +139,7 @@ def _predict_peak_mib(project, folder, count: int) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.scenario
 def test_predict_memory_does_not_grow_with_the_number_of_images(tiny_project, tmp_path):
     small = _predict_peak_mib(tiny_project, tmp_path / "small", 1000)
     large = _predict_peak_mib(tiny_project, tmp_path / "large", 6000)

@@ -283,6 +283,7 @@ def _preprocess_peak_mib(project: Path, images: int) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.scenario
 def test_preprocess_memory_does_not_grow_with_the_number_of_images(tmp_path):
     small = _preprocess_peak_mib(tmp_path / "small", 400)
     large = _preprocess_peak_mib(tmp_path / "large", 1600)

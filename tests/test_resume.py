@@ -27,6 +27,7 @@ from tests.conftest import (
 
 
 @pytest.mark.slow
+@pytest.mark.scenario
 def test_training_killed_after_an_epoch_resumes_to_the_identical_checkpoint(tiny_project, tmp_path):
     import shutil
 
@@ -70,6 +71,7 @@ def test_training_killed_after_an_epoch_resumes_to_the_identical_checkpoint(tiny
 
 
 @pytest.mark.slow
+@pytest.mark.scenario
 def test_a_state_from_other_settings_is_never_resumed(project_copy):
     write_params(project_copy, epochs=2, lr=0.01)
     kill_after_first_epoch(project_copy)
@@ -109,6 +111,7 @@ def test_the_resume_key_follows_what_determines_the_training(change, same):
 
 
 @pytest.mark.slow
+@pytest.mark.scenario
 def test_a_killed_dvc_repro_continues_training_where_it_stopped(tmp_path):
     """The whole job killed mid-training (DVC and its stage); `dvc repro` resumes the stage."""
     from tests.conftest import copy_repository

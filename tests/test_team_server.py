@@ -39,6 +39,7 @@ def test_usage_without_arguments():
 
 
 @pytest.mark.slow
+@pytest.mark.scenario
 def test_runs_go_to_postgresql_and_artifacts_to_the_server(
     team_server: TeamServer,  # noqa: F811
     tmp_path: Path,
@@ -73,6 +74,7 @@ def test_runs_go_to_postgresql_and_artifacts_to_the_server(
 
 
 @pytest.mark.slow
+@pytest.mark.scenario
 def test_a_team_runs_the_pipeline_on_the_server_and_a_second_clone_serves_its_champion(
     team_server: TeamServer,  # noqa: F811
     tmp_path: Path,
@@ -134,6 +136,7 @@ def test_a_team_runs_the_pipeline_on_the_server_and_a_second_clone_serves_its_ch
 
 
 @pytest.mark.slow
+@pytest.mark.scenario
 def test_two_tune_workers_share_one_study_on_postgresql_and_log_to_the_server(
     team_server: TeamServer,  # noqa: F811
     tiny_project: Path,

@@ -44,6 +44,7 @@ def _status(project: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.scenario
 def test_sigterm_during_training_ends_the_run_as_killed_and_writes_no_checkpoint(project_copy):
     _fresh_training(project_copy, epochs=4, patience=4)
     process = pneumo_process("train", "resnet50", cwd=project_copy)
@@ -62,6 +63,7 @@ def test_sigterm_during_training_ends_the_run_as_killed_and_writes_no_checkpoint
 
 
 @pytest.mark.slow
+@pytest.mark.scenario
 def test_a_run_left_running_by_sigkill_is_closed_by_the_next_training_of_its_stage(project_copy):
     _fresh_training(project_copy, epochs=2, patience=2)
     kill_after_first_epoch(project_copy)

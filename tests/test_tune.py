@@ -277,6 +277,7 @@ def test_trials_are_nested_runs_pruned_by_epoch_and_the_report_and_apply_follow(
 
 
 @pytest.mark.slow
+@pytest.mark.scenario
 def test_a_killed_workers_trial_ends_fail_and_its_run_killed_when_the_next_worker_starts(
     tiny_project: Path, tmp_path: Path
 ):
