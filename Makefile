@@ -14,9 +14,10 @@ $(STAMP): pyproject.toml
 repro: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
 
-# `make test`: every test but the scenario tests (pyproject.toml's markers), the default
-# pipeline's end-to-end `dvc repro` included: under 10 minutes on 2 cores. `make test-all`:
-# the scenario tests as well (about 25 minutes); CI runs it.
+# `make test`: every test but the scenario tests (pyproject.toml's markers), with an
+# end-to-end `dvc repro` of the tiny settings. `make test-all`: the scenario tests as well,
+# the default pipeline's `dvc repro` among them; CI runs it (docs/benchmarks.md, "The test
+# suite", has the timings).
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" pytest -m "not scenario"
 

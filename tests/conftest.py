@@ -78,11 +78,11 @@ def _no_user_mlflow() -> Iterator[None]:
     set by one test, it would send the next one's `dvc` and `pneumo` processes to that store.
     Removed before and after each test, so module fixtures (set up between tests) see none.
     """
-    from pneumo.mlops import tracking
+    from pneumo.mlops import store
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-    tracking._configured.clear()  # each test configures its own store
+    store._configured.clear()  # each test configures its own store
     yield
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 

@@ -1,7 +1,10 @@
-"""End to end: `dvc repro` on the embedded default in a temporary copy of the repository
-(conftest's ``reproduced``), then promotion, prediction, plots, and a `dvc exp run` with a bad
-value that stops before anything is removed. Experiments and killed registrations in copies of
-a reproduced repository: tests/test_pipeline_copy.py."""
+"""End to end. In `make test`: dvc.lock matches the code, and `dvc repro` of the tiny settings
+(conftest's ``tiny_reproduced``) runs every stage, leaves nothing to do and plots offline.
+Scenario tests (`make test-all`, CI): `dvc repro` on the embedded default in a temporary copy
+of the repository (conftest's ``reproduced``), the committed results again, promotion,
+prediction, heatmaps, and a `dvc exp run` with a bad value that stops before anything is
+removed. Experiments and killed registrations in copies of a reproduced repository:
+tests/test_pipeline_copy.py."""
 
 from __future__ import annotations
 
@@ -18,13 +21,16 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from tests.bands import outside_bands, seed_spread_bands
 from tests.conftest import (
     BATCH_TOLERANCE,
     REPO_ROOT,
+    TINY_PARAMS,
     answers,
+    copy_repository,
     expected_answers,
     jpeg_bytes,
     run_tool,
@@ -34,6 +40,7 @@ from tests.conftest import (
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 BACKBONES = ("densenet121", "resnet50", "efficientnet-b4")
+TINY_BACKBONES = tuple(TINY_PARAMS["backbones"])
 
 
 def _ran_stages(output: str) -> set[str]:
@@ -50,6 +57,48 @@ def _same_platform(root: Path) -> bool:
     return fresh == committed
 
 
+def _produced(lock: dict, path: str) -> bool:
+    """Whether ``path`` is, holds or lies in an output of a stage in dvc.lock."""
+    outs = [out["path"] for stage in lock["stages"].values() for out in stage.get("outs", [])]
+    return any(o == path or o.startswith(f"{path}/") or path.startswith(f"{o}/") for o in outs)
+
+
+def test_dvc_lock_matches_the_code_and_params(tmp_path):
+    """A fresh clone has no outputs, so every stage has something to do; but only because
+    outputs are missing. A source file, param or command changed since the last `dvc repro`
+    (a stale dvc.lock, which makes every clone rerun more than it must) is named here."""
+    root = copy_repository(tmp_path / "pneumo")
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    status = json.loads(run_tool("dvc", "status", "--json", cwd=root))
+    stale = [
+        (stage, change)
+        for stage, changes in status.items()
+        for change in changes
+        if not (isinstance(change, dict) and change.keys() <= {"changed outs", "changed deps"})
+        or not all(_produced(lock, dep) for dep in change.get("changed deps", {}))
+    ]
+    assert stale == [], "dvc.lock is stale: run `dvc repro` (and commit dvc.lock)"
+
+
+def test_tiny_repro_runs_every_stage_and_leaves_nothing_to_do(tiny_reproduced):
+    root = tiny_reproduced
+    test_images = sum(TINY_PARAMS["data"]["sample"]["test"].values())
+    # every stage's outputs, from the tiny settings: the sample (fetch, preprocess), each
+    # backbone's checkpoint and model folder, the comparison, the registry and the README
+    assert (root / "data/raw").is_dir() and (root / "data/processed/report.json").is_file()
+    for backbone in TINY_BACKBONES:
+        assert (root / "checkpoints" / backbone).is_dir() and (root / "models" / backbone).is_dir()
+    comparison = json.loads((root / "reports/comparison.json").read_text())
+    assert set(comparison["rows"]) == {*TINY_BACKBONES, "ensemble"}
+    registry = json.loads((root / "reports/registry.json").read_text())
+    assert set(registry["versions"]) == set(TINY_BACKBONES)
+    assert f"Test images: {test_images}," in (root / "README.md").read_text()
+    assert "Data and pipelines are up to date" in run_tool("dvc", "status", cwd=root)
+    again = run_tool("dvc", "repro", cwd=root)
+    assert _ran_stages(again) == set()
+
+
+@pytest.mark.scenario
 def test_repro_runs_every_stage_and_leaves_nothing_to_do(reproduced):
     root, output = reproduced
     # `validate` has nothing to do in a fresh copy: its output, the checked params, is
@@ -82,6 +131,7 @@ def test_repro_runs_every_stage_and_leaves_nothing_to_do(reproduced):
     assert time.perf_counter() - started < 10
 
 
+@pytest.mark.scenario
 def test_repro_reproduces_the_committed_results(reproduced):
     """Same code, params and seed. On the committed platform every committed file comes out
     again, byte for byte; on another one the tables hold within the measured bands."""
@@ -98,6 +148,7 @@ def test_repro_reproduces_the_committed_results(reproduced):
     assert run_tool("git", "status", "--porcelain", cwd=root) == ""
 
 
+@pytest.mark.scenario
 def test_registry_promote_and_predict(reproduced):
     root, _ = reproduced
     mlflow.set_tracking_uri(store_uri(root))
@@ -145,6 +196,7 @@ def test_registry_promote_and_predict(reproduced):
     assert found[champion]["metrics"] == found[f"models/{best}"]["metrics"]
 
 
+@pytest.mark.scenario
 def test_the_heatmaps_point_at_the_lesions(reproduced):
     """The pointing game on the sample's PNEUMONIA test phantoms, whose lesions the generator
     knows: the Grad-CAM peak of every backbone that learned (test AUC 0.9 or more; on some
@@ -161,14 +213,14 @@ def test_the_heatmaps_point_at_the_lesions(reproduced):
         assert result["models"][backbone]["hit_rate"] >= 1.5 * result["chance"], result
 
 
-def test_plots_render_offline(reproduced, tmp_path):
-    root, _ = reproduced
+def test_plots_render_offline(tiny_reproduced, tmp_path):
+    root = tiny_reproduced
     output = run_tool("pneumo", "plots", "-o", str(tmp_path / "plots"), cwd=root)
     assert "WARNING" not in output and "ERROR" not in output
     html = (tmp_path / "plots/index.html").read_text()
     assert not re.search(r"<script[^>]*src=[\"']?(https?:)?//", html)
     assert "vegaEmbed" in html
-    for backbone in BACKBONES:
+    for backbone in TINY_BACKBONES:
         for name in (
             "roc_csv",
             "pr_csv",
@@ -177,7 +229,8 @@ def test_plots_render_offline(reproduced, tmp_path):
             "predictions_csv",
         ):
             assert f"reports_eval_{backbone}_{name}" in html, (backbone, name)
-        assert f'"filename": "{backbone}.csv"' in html
+    # dvc.yaml's training curves name the default's backbones; the tiny run rewrote resnet50's
+    assert '"filename": "resnet50.csv"' in html
     for title in ("Validation ROC AUC", "Validation loss", "Training loss"):
         assert title in html
 
@@ -189,6 +242,7 @@ def _snapshot(root: Path) -> dict[str, str]:
     return {str(f.relative_to(root)): hashlib.md5(f.read_bytes()).hexdigest() for f in files}
 
 
+@pytest.mark.scenario
 def test_a_bad_value_stops_before_anything_is_removed(reproduced):
     """DVC removes a stage's outputs before running it, so `validate` must fail first."""
     root, _ = reproduced

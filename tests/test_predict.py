@@ -68,8 +68,11 @@ def test_a_killed_csv_run_continues_without_repeating_finished_rows(project_copy
     assert resumed.exit_code == 0, resumed.output
     assert "11 files already in run.csv: 19 to go" in resumed.stderr
     assert "wrote 19 rows to run.csv" in resumed.stderr
-    assert (project_copy / "run.csv").read_text() == expected
-    assert pd.read_csv(project_copy / "run.csv").file.is_unique
+    # The resumed rows come in other batches of 8, and oneDNN's kernels may round a batch's
+    # scores differently in float32's last bits: same rows, same order, scores within 1e-5.
+    run = pd.read_csv(project_copy / "run.csv")
+    pd.testing.assert_frame_equal(run, pd.read_csv(project_copy / "whole.csv"), rtol=1e-5)
+    assert run.file.is_unique
 
 
 def test_parquet_output_is_a_data_set_that_resumes_by_part(project_copy, monkeypatch):

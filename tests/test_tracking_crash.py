@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from pneumo.config import TrackingConfig
 from pneumo.interrupts import EXIT_STATUS
-from pneumo.mlops import tracking
+from pneumo.mlops import store, tracking
 from tests.conftest import (
     kill_after_first_epoch,
     pneumo_process,
@@ -106,7 +106,7 @@ def test_only_runs_whose_process_is_gone_are_closed(in_tmp):
     """Given RUNNING runs of the stage whose process is alive (a parallel job), gone, a zombie
     or on another host, when the stage starts a run, only the gone ones are closed."""
     config = TrackingConfig(experiment="tests")
-    experiment_id = tracking.configure(config)
+    experiment_id = store.configure(config)
     client = MlflowClient()
     here = socket.gethostname()
     zombie = _zombie()
@@ -145,7 +145,7 @@ def test_only_runs_whose_process_is_gone_are_closed(in_tmp):
 
 def test_an_interrupted_run_ends_killed_and_a_failed_one_failed(in_tmp):
     config = TrackingConfig(experiment="tests")
-    tracking.configure(config)
+    store.configure(config)
     ended = {}
     for error in (KeyboardInterrupt, RuntimeError):
         with (

@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pneumo.config import TrackingConfig
-from pneumo.mlops import tracking
+from pneumo.mlops import store, tracking
 from pneumo.mlops.predict import COLUMNS
 from tests.conftest import run_cli, store_uri
 
@@ -23,18 +23,18 @@ NAME = "pneumo-classifier"
 def test_the_environment_wins_over_params_which_win_over_the_embedded_store(in_tmp, monkeypatch):
     (in_tmp / "dvc.yaml").write_text("stages: {}\n")
     embedded = store_uri(in_tmp)
-    assert tracking.tracking_uri(TrackingConfig()) == embedded
-    assert tracking.store_label(TrackingConfig()) == "embedded"
+    assert store.tracking_uri(TrackingConfig()) == embedded
+    assert store.store_label(TrackingConfig()) == "embedded"
     configured = TrackingConfig(uri="http://tracking.example:5000")
-    assert tracking.tracking_uri(configured) == "http://tracking.example:5000"
+    assert store.tracking_uri(configured) == "http://tracking.example:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://team:5000")
-    assert tracking.tracking_uri(configured) == "http://team:5000"
-    assert tracking.tracking_uri(TrackingConfig()) == "http://team:5000"
+    assert store.tracking_uri(configured) == "http://team:5000"
+    assert store.tracking_uri(TrackingConfig()) == "http://team:5000"
 
 
 def test_a_password_never_reaches_a_record(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://ml:s3cret@db:5432/mlflow")
-    assert tracking.store_label(TrackingConfig()) == "postgresql://ml:***@db:5432/mlflow"
+    assert store.store_label(TrackingConfig()) == "postgresql://ml:***@db:5432/mlflow"
 
 
 def test_another_store_gets_no_artifact_location_from_the_project(in_tmp):
@@ -44,9 +44,9 @@ def test_another_store_gets_no_artifact_location_from_the_project(in_tmp):
     other = in_tmp / "elsewhere"
     other.mkdir()
     config = TrackingConfig(uri=f"sqlite:///{other / 'team.db'}", experiment="tests")
-    experiment_id = tracking.configure(config)
+    experiment_id = store.configure(config)
     location = mlflow.get_experiment(experiment_id).artifact_location
-    assert tracking.ARTIFACTS_DIR not in location
+    assert store.ARTIFACTS_DIR not in location
     assert not (in_tmp / "mlflow.db").exists()
 
 
@@ -61,18 +61,16 @@ def _log_one_run(root: Path) -> mlflow.entities.Run:
 def test_mlflow_is_configured_once_per_process_and_store(in_tmp, monkeypatch):
     (in_tmp / "dvc.yaml").write_text("stages: {}\n")
     relocations = []
-    relocate = tracking.relocate_store
-    monkeypatch.setattr(
-        tracking, "relocate_store", lambda *a: relocations.append(a) or relocate(*a)
-    )
+    relocate = store.relocate_store
+    monkeypatch.setattr(store, "relocate_store", lambda *a: relocations.append(a) or relocate(*a))
     config = TrackingConfig(experiment="once")
-    first = tracking.configure(config)
-    assert tracking.configure(config) == first and len(relocations) == 1
+    first = store.configure(config)
+    assert store.configure(config) == first and len(relocations) == 1
     other = TrackingConfig(experiment="other")
-    assert tracking.configure(other) != first  # another experiment is looked up
+    assert store.configure(other) != first  # another experiment is looked up
     mlflow.set_tracking_uri(f"sqlite:///{in_tmp / 'elsewhere.db'}")  # someone pointed away
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # which MLflow exports; pneumo would read it
-    assert tracking.configure(config) == first and len(relocations) == 3
+    assert store.configure(config) == first and len(relocations) == 3
 
 
 def test_a_copied_store_points_at_its_own_folder_once(tmp_path, monkeypatch):
@@ -92,8 +90,8 @@ def test_a_copied_store_points_at_its_own_folder_once(tmp_path, monkeypatch):
     shutil.copytree(first, second)
     monkeypatch.chdir(second)
     artifacts = (second / "mlartifacts").as_uri()
-    assert tracking.relocate_store(second / "mlflow.db", artifacts) == 1  # the experiment
-    assert tracking.relocate_store(second / "mlflow.db", artifacts) == 0
+    assert store.relocate_store(second / "mlflow.db", artifacts) == 1  # the experiment
+    assert store.relocate_store(second / "mlflow.db", artifacts) == 0
     run = _log_one_run(second)
     assert run.info.artifact_uri.startswith(artifacts + "/")
     assert MlflowClient().get_run(old_run.info.run_id).info.artifact_uri.endswith("-other/x")

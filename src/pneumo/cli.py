@@ -551,7 +551,7 @@ def approaches(
     import yaml
 
     from pneumo.config import nest_dotted
-    from pneumo.mlops import experiments, tracking
+    from pneumo.mlops import experiments, store
 
     if Path(ctx.obj["params"]).resolve() != paths.PARAMS.resolve():
         raise PneumoError(
@@ -568,7 +568,7 @@ def approaches(
         dotted[key] = yaml.safe_load(value)
     extra = nest_dotted(dotted)
     # Create the tracking database once, before parallel experiments race to migrate it.
-    tracking.configure(params.tracking)
+    store.configure(params.tracking)
     done = experiments.queue_and_run(chosen, jobs=jobs, prefix=prefix, extra=extra)
     click.echo(f"finished experiments: {', '.join(done)}; next: pneumo report")
 

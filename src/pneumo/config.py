@@ -370,7 +370,7 @@ class RegistryConfig(Section):
 
 
 class TrackingConfig(Section):
-    """``uri: null`` means a SQLite file at the repository root (see pneumo.mlops.tracking)."""
+    """``uri: null`` means a SQLite file at the repository root (see pneumo.mlops.store)."""
 
     uri: Name | None = None
     experiment: Annotated[Name, Field(max_length=500)] = "pneumo"  # MLflow's length limit

@@ -72,10 +72,10 @@ def load_classifier(
         return load_folder(Path(model), runtime, device, quick_start=quick_start)
     import mlflow
 
-    from pneumo.mlops import registered, tracking
+    from pneumo.mlops import registered, store
 
     settings = params()
-    tracking.configure(settings.tracking)
+    store.configure(settings.tracking)
     uri = model or f"models:/{settings.registry.model_name}@champion"
     try:
         # Its files are checked against the registration before MLflow imports any of them

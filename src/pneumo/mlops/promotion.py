@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException
 
 from pneumo.config import Params, RegistryConfig
 from pneumo.errors import UserError
-from pneumo.mlops import tracking
+from pneumo.mlops import store
 from pneumo.mlops.registry import (
     CHALLENGER,
     CHAMPION,
@@ -184,7 +184,7 @@ def promote(params: Params, version: str | None = None, force: bool = False) -> 
     decision goes to the promotion history (:func:`history`) and, the latest one, to the
     candidate's ``promotion`` tag.
     """
-    tracking.configure(params.tracking)
+    store.configure(params.tracking)
     client = MlflowClient()
     name = params.registry.model_name
     candidate = _candidate(client, name, version)
@@ -240,9 +240,9 @@ def _record(
     while len(text) > HISTORY_MAX_CHARS and len(entries) > 1:
         entries.pop(0)
         text = _dump(entries)
-    tracking.with_retries(lambda: client.set_registered_model_tag(name, HISTORY_TAG, text))
+    store.with_retries(lambda: client.set_registered_model_tag(name, HISTORY_TAG, text))
     summary = f"{decision} at {entry['at']}" + (f": {'; '.join(reasons)}" if reasons else "")
-    tracking.with_retries(lambda: client.set_model_version_tag(name, version, "promotion", summary))
+    store.with_retries(lambda: client.set_model_version_tag(name, version, "promotion", summary))
     return entry
 
 
@@ -268,7 +268,7 @@ def _history(client: MlflowClient, name: str) -> list[dict]:
 
 def history(params: Params) -> list[dict]:
     """The recorded promotion decisions, oldest first."""
-    tracking.configure(params.tracking)
+    store.configure(params.tracking)
     client = MlflowClient()
     _require_model(client, params.registry.model_name)
     return _history(client, params.registry.model_name)

@@ -33,7 +33,7 @@ import pneumo
 from pneumo.config import Params
 from pneumo.core.inference import MODEL_ARTIFACT, SHIPPED_MODULES, verified_settings
 from pneumo.core.metrics import MetricsError, delong_interval
-from pneumo.mlops import registered, tracking
+from pneumo.mlops import registered, store, tracking
 from pneumo.records import Evaluation, InferenceSettings, ModelCard, ModelCardDocument
 
 log = logging.getLogger(__name__)
@@ -162,19 +162,19 @@ def register(params: Params, backbone: str, model_dir: Path, eval_dir: Path, raw
     existing = _version_with_key(client, name, tags[KEY_TAG])
     if existing is not None:
         if existing.description != description:
-            tracking.with_retries(
+            store.with_retries(
                 lambda: client.update_model_version(name, existing.version, description)
             )
         for key, value in tags.items():
             if key not in ("git_commit", "dvc_experiment") and existing.tags.get(key) != value:
-                tracking.with_retries(
+                store.with_retries(
                     lambda k=key, v=value: client.set_model_version_tag(
                         name, existing.version, k, v
                     )
                 )
         if registered.MANIFEST_TAG not in existing.tags:  # registered before manifests
             files = mlflow.artifacts.download_artifacts(f"models:/{name}/{existing.version}")
-            tracking.with_retries(lambda: client.set_model_version_tag(
+            store.with_retries(lambda: client.set_model_version_tag(
                 name, existing.version, registered.MANIFEST_TAG,
                 registered.manifest_tag(Path(files)),
             ))  # fmt: skip
@@ -184,7 +184,7 @@ def register(params: Params, backbone: str, model_dir: Path, eval_dir: Path, raw
     with tempfile.TemporaryDirectory() as tmp:
         # Model.log with run_id, as mlflow.pyfunc.log_model does with the active run: the
         # training run is not started again, so a failure here leaves it FINISHED.
-        info = tracking.with_retries(
+        info = store.with_retries(
             lambda: Model.log(
                 artifact_path=None,
                 name="model",
@@ -208,9 +208,9 @@ def register(params: Params, backbone: str, model_dir: Path, eval_dir: Path, raw
     # What was logged, as the store holds it, pinned in the tracking database
     logged = Path(mlflow.artifacts.download_artifacts(info.model_uri))
     tags[registered.MANIFEST_TAG] = registered.manifest_tag(logged)
-    created = tracking.with_retries(lambda: mlflow.register_model(info.model_uri, name, tags=tags))
+    created = store.with_retries(lambda: mlflow.register_model(info.model_uri, name, tags=tags))
     # The model card; a kill before this line leaves a version the next run finds and fills.
-    tracking.with_retries(lambda: client.update_model_version(name, created.version, description))
+    store.with_retries(lambda: client.update_model_version(name, created.version, description))
     log.info("registered %s as %s version %s", backbone, name, created.version)
     return str(created.version)
 
@@ -276,7 +276,7 @@ def challenger_choice(
 
 
 def set_alias(name: str, alias: str, version: str) -> None:
-    tracking.with_retries(lambda: MlflowClient().set_registered_model_alias(name, alias, version))
+    store.with_retries(lambda: MlflowClient().set_registered_model_alias(name, alias, version))
 
 
 def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:

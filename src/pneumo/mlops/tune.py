@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from pneumo import paths
 from pneumo.config import Params, flatten
 from pneumo.errors import UserError
-from pneumo.mlops import tracking
+from pneumo.mlops import store, tracking
 from pneumo.mlops.search import (
     SearchConfig,
     backbone_of,
@@ -72,7 +72,7 @@ class TuneError(UserError):
 
 
 def default_storage() -> str:
-    return f"sqlite:///{tracking.repo_root() / STORAGE_FILE}"
+    return f"sqlite:///{store.repo_root() / STORAGE_FILE}"
 
 
 def check_study_name(name: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from pneumo.config import Params
-from pneumo.mlops import registry, tracking
+from pneumo.mlops import registry, store
 from pneumo.records import Comparison, Registration
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ def register(
     """Register each backbone's model folder (:func:`pneumo.mlops.registry.register`) with its
     evaluation (test image paths relative to ``raw_dir``); the record goes to ``reports_dir``
     beside the comparison whose best it follows."""
-    tracking.configure(params.tracking)
+    store.configure(params.tracking)
     client = MlflowClient()
     name = params.registry.model_name
     best = Comparison.read(reports_dir).best
@@ -43,7 +43,7 @@ def register(
     log.info("@%s is version %s: %s", registry.CHALLENGER, challenger, why)
     record = Registration(
         model_name=name,
-        store=tracking.store_label(params.tracking),
+        store=store.store_label(params.tracking),
         versions=versions,
         challenger=challenger,
         why=why,

@@ -28,7 +28,7 @@ from pneumo.core.loop import fit
 from pneumo.core.models import normalisation
 from pneumo.figures import png_figure
 from pneumo.files import staged_dir, write_text_atomic
-from pneumo.mlops import tracking
+from pneumo.mlops import store, tracking
 from pneumo.records import ModelCard, TrainSummary
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def train(
     try:
         data_hash = cache_fingerprint(cache_dir)
         state_path = resume.state_file(
-            tracking.repo_root(),
+            store.repo_root(),
             backbone,
             resume.run_key(params, backbone, data_hash, device.type, world.size),
         )
