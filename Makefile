@@ -1,4 +1,4 @@
-# The two set-up commands of the README: `make repro` (pipeline) and `make test` (tests).
+# The two set-up commands of the README: `make repro` (pipeline) and `make test-all` (every test, what CI runs; `make test` is the quicker tier).
 # Each creates .venv and installs the project first when needed.
 VENV ?= .venv
 BIN := $(VENV)/bin

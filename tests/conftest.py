@@ -363,7 +363,9 @@ def free_port() -> int:
 
 def store_uri(project: Path) -> str:
     """The URI of a project's embedded tracking store (its mlflow.db)."""
-    return f"sqlite:///{project / 'mlflow.db'}"
+    from pneumo.mlops.store import embedded_uri
+
+    return embedded_uri(project)
 
 
 def tool_env(**extra: str) -> dict[str, str]:
