@@ -127,7 +127,8 @@ def test_explaining_needs_torch_and_says_so_before_any_row(project_copy):
 # streaming the files holds (rows, pixels as NumPy arrays), apart from the model and the list of
 # paths. The process's peak RSS cannot show it: loading the model sets that peak before the first
 # image, and it moved by 16 MiB between runs of the same code (CI, 2026-12-07), while a kept row
-# per file moved it by nothing.
+# per file moved it by nothing. The model runs in ONNX Runtime (what auto picks here), whose
+# outputs are NumPy arrays; torch's own tensors would not be traced.
 STREAMED = """
 import sys, tracemalloc
 from pneumo.cli import main
